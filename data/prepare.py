@@ -1,0 +1,127 @@
+"""`python -m data.prepare <dataset> --root RAW --out SHARDS [options]`: real data sets -> shards.
+
+Data sets: clothing1m, webvision, ilsvrc12-val, cifar10, cifar100, folder, digits (needs no --root).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import sources
+from .noise import apply_noise, parse_noise
+from .shards import write_manifest, write_split
+
+logger = logging.getLogger("data.prepare")
+DATASETS = ("clothing1m", "webvision", "ilsvrc12-val", "cifar10", "cifar100", "folder", "digits")
+
+
+class TooManySkipped(RuntimeError):
+    """More images were missing or undecodable than --max-skip-fraction allows."""
+
+
+def read_source(args) -> sources.Source:
+    """Dispatch to the reader of the chosen data set's on-disk layout."""
+    if args.dataset == "digits":
+        return sources.read_digits()
+    if args.root is None:
+        raise SystemExit(f"data.prepare {args.dataset}: --root RAW is required")
+    root = Path(args.root)
+    if not root.is_dir():
+        raise SystemExit(f"data.prepare {args.dataset}: --root {root} is not a folder")
+    splits = tuple(args.splits.split(",")) if args.splits else None
+    if args.dataset == "clothing1m":
+        return sources.read_clothing1m(root, splits or ("train", "val", "test"))
+    if args.dataset == "webvision":
+        return sources.read_webvision(root, args.subset, tuple(args.sources.split(",")), args.num_classes,
+                                      splits or ("train", "val"))
+    if args.dataset == "ilsvrc12-val":
+        if not args.synsets:
+            raise SystemExit("data.prepare ilsvrc12-val: --synsets WEBVISION/info/synsets.txt is required")
+        return sources.read_ilsvrc12_val(root, Path(args.synsets), args.num_classes or 1000,
+                                         Path(args.solution) if args.solution else None,
+                                         Path(args.devkit) if args.devkit else None)
+    if args.dataset in ("cifar10", "cifar100"):
+        return sources.read_cifar(root, 10 if args.dataset == "cifar10" else 100)
+    return sources.read_folder(root, args.folder_split)
+
+
+def add_noise(source: sources.Source, spec_text: str | None, seed: int) -> dict:
+    """Corrupt the train split's given labels in place; the clean label becomes the true label."""
+    spec = parse_noise(spec_text)
+    if spec is None or "train" not in source.splits:
+        return {"noise": None}
+    records = source.splits["train"]
+    clean = np.array([r.label for r in records])
+    groups = np.array([r.group for r in records])
+    noisy = apply_noise(clean, len(source.class_names), spec, seed, source.name, groups)
+    for r, c, y in zip(records, clean, noisy):
+        r.true_label, r.label = int(c), int(y)
+    return {"noise": {"spec": str(spec), "seed": seed, "split": "train"}}
+
+
+def prepare(args) -> dict:
+    """Read, optionally corrupt, and write every split; returns the per-split manifest entries."""
+    source = read_source(args)
+    extra = {**source.extra, **add_noise(source, args.noise, args.seed)}
+    out = Path(args.out)
+    results = {}
+    for split, records in source.splits.items():
+        entry = write_split(records, out / split, resize=args.resize, workers=args.workers,
+                            maxcount=args.shard_size)
+        results[split] = entry
+        logger.info("%s/%s: %d samples written, %d skipped (%.2f%%), realised noise %s", source.name, split,
+                    entry["count"], len(entry["skipped"]), 100 * entry["skipped_fraction"],
+                    entry["realised_noise_rate"])
+        for item in entry["skipped"][:10]:
+            logger.info("  skipped %s: %s", item["key"], item["reason"])
+        if entry["skipped_fraction"] > args.max_skip_fraction:
+            write_manifest(out, source.name, source.class_names, results, extra)
+            raise TooManySkipped(f"{split}: {len(entry['skipped'])} of {len(records)} images skipped "
+                                 f"(> --max-skip-fraction {args.max_skip_fraction}); see {out / 'dataset.json'}")
+    write_manifest(out, source.name, source.class_names, results, extra)
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options of data.prepare."""
+    p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", choices=DATASETS)
+    p.add_argument("--root", help="the data set's folder as downloaded (not needed for digits)")
+    p.add_argument("--out", required=True, help="output folder: OUT/<split>/shard-*.tar + OUT/dataset.json")
+    p.add_argument("--noise", help="synthetic noise on train: symmetric:R | asymmetric:R | pairflip:R")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--resize", type=int, help="shrink images so the shorter side is at most this (re-encodes JPEG)")
+    p.add_argument("--splits", help="comma-separated subset of splits to write (default: all)")
+    p.add_argument("--subset", default="mini", help="webvision: mini (50 classes, Google) or full")
+    p.add_argument("--sources", default="google", help="webvision full: google,flickr")
+    p.add_argument("--num-classes", type=int, help="webvision / ilsvrc12-val: keep classes < N (mini: 50)")
+    p.add_argument("--synsets", help="ilsvrc12-val: WebVision info/synsets.txt (wnid on line c = class c)")
+    p.add_argument("--solution", help="ilsvrc12-val flat layout: LOC_val_solution.csv")
+    p.add_argument("--devkit", help="ilsvrc12-val flat layout: folder with the ground truth txt and meta.mat")
+    p.add_argument("--folder-split", default="train", help="folder: the split name to write")
+    p.add_argument("--workers", type=int, default=1, help="processes reading and validating images")
+    p.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
+    p.add_argument("--max-skip-fraction", type=float, default=0.01,
+                   help="fail when more than this fraction of a split's images is missing or undecodable")
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point; errors in the annotations exit with the message naming file and line."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        prepare(args)
+    except (sources.AnnotationError, TooManySkipped, ValueError) as e:
+        logger.error("error: %s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Random access to prepared shards by sample id.
+
+Why not wids here: `wids.ShardListDataset` copies local shards into a cache folder unless told not to,
+its open-shard LRU is not thread-safe once it evicts and collapses to ~1% throughput when a random
+sampler touches more shards than it holds, and spawned workers fail after the parent used it. The
+shards already carry everything needed for an offset table (`data.shards.build_offset_table`), so this
+reader does one `os.pread` per sample on descriptors opened lazily per process: no shared file
+position, safe with threads and with forked or spawned DataLoader workers, shards read in place.
+The `index.json` beside the shards stays a valid wids index for users who prefer wids.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .shards import load_offset_table
+
+logger = logging.getLogger(__name__)
+MAX_OPEN_SHARDS = 256
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """Map-style dataset over one prepared split: `ds[sample_id] -> (image, label, sample_id)`.
+
+    A sample whose image cannot be read or decoded gives `None` (the collate function skips and
+    counts it). `labels`, `true_labels` and `sources` are per-sample-id arrays.
+    """
+
+    def __init__(self, split_dir: str | Path, transform=None, mode: str = "RGB"):
+        self.split_dir = Path(split_dir)
+        table = load_offset_table(self.split_dir)
+        self.shard_paths = [str(self.split_dir / name) for name in table["shard_names"]]
+        self.shard = table["shard"]
+        self.offset = table["offset"]
+        self.size = table["size"]
+        self.labels = table["label"]  # [n] int64, given (possibly noisy) labels
+        self.true_labels = table["true_label"]  # [n] int64, -1 where unknown
+        self.sources = table["source"]
+        self.transform = transform
+        self.mode = mode
+        self._fds: dict[int, int] = {}
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_fds"], state["_pid"] = {}, None  # descriptors never cross a process boundary
+        return state
+
+    def _fd(self, shard: int) -> int:
+        if self._pid != os.getpid():  # forked child: the parent's descriptors are not ours to share
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(shard)
+        if fd is None:
+            if len(self._fds) >= MAX_OPEN_SHARDS:
+                self.close()
+                self._pid = os.getpid()
+            fd = self._fds[shard] = os.open(self.shard_paths[shard], os.O_RDONLY)
+        return fd
+
+    def close(self) -> None:
+        """Close every open shard descriptor of this process."""
+        if self._pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._fds = {}
+
+    def read_bytes(self, sample_id: int) -> bytes:
+        """The encoded image bytes of one sample."""
+        size = int(self.size[sample_id])
+        data = os.pread(self._fd(int(self.shard[sample_id])), size, int(self.offset[sample_id]))
+        if len(data) != size:
+            raise OSError(f"short read ({len(data)} of {size} bytes)")
+        return data
+
+    def load_image(self, sample_id: int) -> Image.Image:
+        """Decode one sample's image in `self.mode`."""
+        with Image.open(io.BytesIO(self.read_bytes(sample_id))) as img:
+            return img.convert(self.mode)
+
+    def __getitem__(self, sample_id):
+        sample_id = int(sample_id)
+        try:
+            image = self.load_image(sample_id)
+        except Exception as e:  # a damaged shard must never crash a long run: skip and count
+            logger.warning("%s: sample id %d skipped (%s: %s)", self.split_dir, sample_id, type(e).__name__, e)
+            return None
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[sample_id]), sample_id
+
+
+def collate_with_skips(samples: list) -> dict:
+    """Stack samples; a skipped (None) position keeps its place with `valid=False` and a zero image."""
+    good = [s for s in samples if s is not None]
+    if not good:
+        return {"images": None, "labels": None, "ids": None, "valid": torch.zeros(len(samples), dtype=torch.bool),
+                "skipped": len(samples)}
+    template = torch.zeros_like(good[0][0])
+    images = torch.stack([s[0] if s is not None else template for s in samples])
+    labels = torch.tensor([s[1] if s is not None else -1 for s in samples], dtype=torch.long)
+    ids = torch.tensor([s[2] if s is not None else -1 for s in samples], dtype=torch.long)
+    valid = torch.tensor([s is not None for s in samples], dtype=torch.bool)
+    return {"images": images, "labels": labels, "ids": ids, "valid": valid, "skipped": len(samples) - len(good)}
+
+
+class IdBatchSampler(torch.utils.data.Sampler):
+    """Yields precomputed lists of sample ids (one list per step) for a map-style `ShardDataset`."""
+
+    def __init__(self, batches: list[np.ndarray]):
+        self.batches = batches
+
+    def __iter__(self):
+        return (b.tolist() for b in self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def id_loader(dataset: ShardDataset, batches: list[np.ndarray], workers: int = 0, seed: int = 0):
+    """DataLoader reading the given id batches; augmentation RNG seeded from `seed` (reproducible)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=IdBatchSampler(batches), num_workers=workers,
+                                       collate_fn=collate_with_skips, generator=generator,
+                                       persistent_workers=False, pin_memory=False,
+                                       multiprocessing_context="fork" if workers and os.name == "posix" else None)

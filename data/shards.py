@@ -1,0 +1,205 @@
+"""Writing splits into WebDataset shards, the wids index, the offset table and the manifest.
+
+Shard contract (format version 1), per sample:
+  `<key>.<ext>` image bytes as found (re-encoded only when resizing), `<key>.idx` dense sample id,
+  `<key>.cls` given label, `<key>.true.cls` true label when known, `<key>.src.txt` source key/path.
+Beside the shards: `index.json` (wids shard index) and `offsets.npz` (sample id -> byte range, labels),
+which `data.reader` uses for random access; it is derived from the shards and rebuilt when stale.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tarfile
+from dataclasses import dataclass
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+
+from .sources import Record, file_bytes, image_extension
+
+FORMAT_VERSION = 1
+MTIME = 0.0  # fixed member mtime: the same input gives byte-identical shards
+IMAGE_EXTS = ("jpg", "png", "bmp", "webp", "gif", "tiff")
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """A record after reading and validating its image: bytes and extension, or a skip reason."""
+
+    record: Record
+    data: bytes | None
+    ext: str
+    error: str | None = None
+
+
+def check_and_resize(data: bytes, resize: int | None) -> tuple[bytes, str | None]:
+    """Decode fully (a truncated file fails here); shrink the shorter side to `resize` if larger."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        if resize is None or min(img.size) <= resize:
+            return data, None
+        scale = resize / min(img.size)
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        out = io.BytesIO()
+        img.convert("RGB").resize(size, Image.BILINEAR).save(out, format="JPEG", quality=90)
+        return out.getvalue(), "jpg"
+
+
+def prepare_record(args: tuple[Record, int | None]) -> Prepared:
+    """Read and validate one record (runs in a worker process)."""
+    record, resize = args
+    ext = image_extension(record)
+    try:
+        data = file_bytes(record)
+    except OSError as e:
+        return Prepared(record, None, ext, f"missing: {e.strerror or e}")
+    try:
+        data, new_ext = check_and_resize(data, resize)
+    except Exception as e:  # PIL raises many types for undecodable files
+        return Prepared(record, None, ext, f"undecodable: {type(e).__name__}: {e}")
+    return Prepared(record, data, new_ext or ext)
+
+
+def iter_prepared(records: list[Record], resize: int | None, workers: int):
+    """Prepared records in input order (order fixes the sample ids)."""
+    jobs = ((r, resize) for r in records)
+    if workers <= 1:
+        yield from map(prepare_record, jobs)
+        return
+    with Pool(workers) as pool:
+        yield from pool.imap(prepare_record, jobs, chunksize=64)
+
+
+def write_split(records: list[Record], out: Path, *, resize: int | None = None, workers: int = 1,
+                maxcount: int = 10000, maxsize: float = 1e9) -> dict:
+    """Write one split's shards, index.json and offsets.npz; return its manifest entry."""
+    import webdataset as wds
+
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("shard-*.tar"):
+        old.unlink()
+    labels, true_labels, skipped = [], [], []
+    pattern = str(out / "shard-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0, mtime=MTIME, encoder=False) as sink:
+        for item in iter_prepared(records, resize, workers):
+            if item.error:
+                skipped.append({"key": item.record.key, "reason": item.error})
+                continue
+            idx = len(labels)
+            sample = {"__key__": f"{idx:09d}", item.ext: item.data, "idx": str(idx).encode(),
+                      "cls": str(item.record.label).encode(), "src.txt": item.record.key.encode("utf-8")}
+            if item.record.true_label >= 0:
+                sample["true.cls"] = str(item.record.true_label).encode()
+            sink.write(sample)
+            labels.append(item.record.label)
+            true_labels.append(item.record.true_label)
+    shards = sorted(out.glob("shard-*.tar"))
+    table = build_offset_table(shards)
+    np.savez(out / "offsets.npz", **table)
+    write_wids_index(out, shards, table)
+    return split_manifest(np.array(labels), np.array(true_labels), skipped, len(records))
+
+
+def split_manifest(labels: np.ndarray, true_labels: np.ndarray, skipped: list, total: int) -> dict:
+    """Count, label histogram, realised noise rate and skip list of one split."""
+    known = true_labels >= 0
+    return {
+        "count": int(len(labels)),
+        "label_histogram": np.bincount(labels).tolist() if len(labels) else [],
+        "true_labels_known": int(known.sum()),
+        "realised_noise_rate": float((labels[known] != true_labels[known]).mean()) if known.any() else None,
+        "skipped": skipped,
+        "skipped_fraction": len(skipped) / max(total, 1),
+    }
+
+
+def write_wids_index(out: Path, shards: list[Path], table: dict) -> None:
+    """The wids shard index: url (relative to index.json) and nsamples of every shard."""
+    counts = np.bincount(table["shard"], minlength=len(shards))
+    index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": out.name,
+             "shardlist": [{"url": s.name, "nsamples": int(n)} for s, n in zip(shards, counts)]}
+    (out / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+
+
+def build_offset_table(shards: list[Path]) -> dict[str, np.ndarray]:
+    """Scan tar headers: per sample id its shard, image byte range and extension, labels, source key.
+
+    Raises ValueError naming the shard when ids are not dense 0..n-1.
+    """
+    rows: dict[int, dict] = {}
+    sizes = []
+    for s, path in enumerate(shards):
+        sizes.append(os.path.getsize(path))
+        with tarfile.open(path, "r:") as tar:
+            current: dict = {}
+            for member in tar:
+                key, _, field = member.name.partition(".")
+                if current.get("key") != key:
+                    current = {"key": key, "shard": s}
+                if field in IMAGE_EXTS:
+                    current.update(offset=member.offset_data, size=member.size, ext=IMAGE_EXTS.index(field))
+                elif field in ("idx", "cls", "true.cls", "src.txt"):
+                    value = tar.extractfile(member).read().decode("utf-8")
+                    current[field] = value if field == "src.txt" else int(value)
+                if "idx" in current:
+                    rows[current["idx"]] = current
+    n = len(rows)
+    if sorted(rows) != list(range(n)):
+        raise ValueError(f"{shards[0].parent}: sample ids are not dense 0..{n - 1}; re-run data.prepare")
+    ordered = [rows[i] for i in range(n)]
+    return {
+        "shard": np.array([r["shard"] for r in ordered], dtype=np.int32),
+        "offset": np.array([r.get("offset", -1) for r in ordered], dtype=np.int64),
+        "size": np.array([r.get("size", 0) for r in ordered], dtype=np.int64),
+        "ext": np.array([r.get("ext", -1) for r in ordered], dtype=np.int8),
+        "label": np.array([r["cls"] for r in ordered], dtype=np.int64),
+        "true_label": np.array([r.get("true.cls", -1) for r in ordered], dtype=np.int64),
+        "source": np.array([r.get("src.txt", "") for r in ordered], dtype=np.str_),
+        "shard_names": np.array([p.name for p in shards], dtype=np.str_),
+        "shard_sizes": np.array(sizes, dtype=np.int64),
+    }
+
+
+def load_offset_table(split_dir: Path) -> dict[str, np.ndarray]:
+    """offsets.npz when it matches the shards on disk, else rebuilt by scanning them."""
+    shards = sorted(split_dir.glob("shard-*.tar"))
+    if not shards:
+        raise FileNotFoundError(f"{split_dir}: no shard-*.tar files; run `python -m data.prepare` first")
+    cached = split_dir / "offsets.npz"
+    if cached.is_file():
+        with np.load(cached, allow_pickle=False) as z:
+            table = {k: z[k] for k in z.files}
+        if (list(table["shard_names"]) == [p.name for p in shards]
+                and list(table["shard_sizes"]) == [os.path.getsize(p) for p in shards]):
+            return table
+        logger.warning("%s is stale (shards changed); rebuilding the offset table", cached)
+    return build_offset_table(shards)
+
+
+def write_manifest(out: Path, name: str, class_names: list[str], splits: dict[str, dict], extra: dict) -> None:
+    """`dataset.json`: merged with an existing manifest so splits can be prepared separately."""
+    path = out / "dataset.json"
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    manifest.update({"format_version": FORMAT_VERSION, "name": name, "num_classes": len(class_names),
+                     "class_names": class_names, **extra})
+    manifest.setdefault("splits", {}).update(splits)
+    path.write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def read_manifest(root: Path) -> dict:
+    """Read `dataset.json` of a prepared data set folder."""
+    path = Path(root) / "dataset.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; prepare the data set with `python -m data.prepare`")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: shard format version {manifest.get('format_version')} "
+                         f"!= {FORMAT_VERSION}; re-run data.prepare")
+    return manifest

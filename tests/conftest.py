@@ -1,0 +1,131 @@
+"""Builders of miniature data sets in the real on-disk layouts (DATASETS.md) and shared fixtures."""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def jpeg_bytes(seed: int, size=(12, 10)) -> bytes:
+    """A tiny real JPEG whose content depends on `seed`."""
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_jpeg(path: Path, seed: int, size=(12, 10)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(jpeg_bytes(seed, size))
+
+
+def write_corrupt(path: Path) -> None:
+    """A JPEG cut short: the header parses, decoding fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(jpeg_bytes(999)[:60])
+
+
+def write_lines(path: Path, lines, crlf=False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(("\r\n" if crlf else "\n").join(lines).encode() + b"\n")
+
+
+def make_clothing1m(root: Path, annotations_subdir=False, images_level=True) -> dict:
+    """Clothing1M tree: 14 classes, noisy train (one key with a comma, one corrupt, one missing), val, test."""
+    ann = root / "annotations" if annotations_subdir else root
+    write_lines(ann / "category_names_eng.txt", [f"class{c}" for c in range(14)], crlf=True)
+    prefix = root / "images" if images_level else root
+    train, val, test = [], [], []
+    for i in range(30):
+        key = f"images/{i % 10}/{i:02d}/{1000 + i},{2000 + i}.jpg" if i == 3 else f"images/{i % 10}/{i:02d}/{1000 + i}.jpg"
+        train.append((key, i % 14))
+    noisy_kv = [f"{k} {c}" for k, c in train]
+    clean_keys = {train[0][0]: 5, train[1][0]: train[1][1]}  # train overlap: one wrong, one right
+    for i in range(6):
+        val.append((f"images/0/v/{5000 + i}.jpg", i % 14))
+        test.append((f"images/1/t/{6000 + i}.jpg", (i + 3) % 14))
+    clean_kv = [f"{k} {c}" for k, c in list(clean_keys.items()) + val + test]
+    write_lines(ann / "noisy_label_kv.txt", noisy_kv + ["images/9/99/extra.jpg 2"], crlf=True)
+    write_lines(ann / "clean_label_kv.txt", clean_kv, crlf=True)
+    write_lines(ann / "noisy_train_key_list.txt", [k for k, _ in train], crlf=True)
+    write_lines(ann / "clean_train_key_list.txt", list(clean_keys), crlf=True)
+    write_lines(ann / "clean_val_key_list.txt", [k for k, _ in val], crlf=True)
+    write_lines(ann / "clean_test_key_list.txt", [k for k, _ in test], crlf=True)
+    for n, (key, _) in enumerate(train + val + test):
+        path = prefix / key[len("images/"):]
+        if key == train[7][0]:
+            write_corrupt(path)
+        elif key == train[8][0]:
+            continue  # missing file
+        else:
+            write_jpeg(path, n)
+    return {"train": train, "val": val, "test": test, "clean_train": clean_keys,
+            "corrupt": train[7][0], "missing": train[8][0]}
+
+
+def make_webvision(root: Path, classes=60) -> dict:
+    """WebVision tree with `classes` synsets, Google + Flickr train lists and a val list."""
+    write_lines(root / "info" / "synsets.txt", [f"n{1440764 + c:08d} thing{c}, other{c}" for c in range(classes)])
+    google = [(f"google/q{c + 1:04d}/g{c}_{j}.jpg", c) for c in range(classes) for j in range(2)]
+    flickr = [(f"flickr/q{c + 1:04d}/f{c}.jpg", c) for c in range(0, classes, 7)]
+    val = [(f"val{c + 1:06d}.jpg", c) for c in range(classes)]
+    write_lines(root / "info" / "train_filelist_google.txt", [f"{p} {c}" for p, c in google])
+    write_lines(root / "info" / "train_filelist_flickr.txt", [f"{p} {c}" for p, c in flickr])
+    write_lines(root / "info" / "val_filelist.txt", [f"{p} {c}" for p, c in val])
+    for n, (p, _) in enumerate(google + flickr):
+        write_jpeg(root / p, n)
+    for n, (p, _) in enumerate(val):
+        write_jpeg(root / "val_images_256" / p, 500 + n)
+    return {"google": google, "flickr": flickr, "val": val}
+
+
+def cifar_batch(n, num_classes, seed, fine=False):
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 255, (n, 3072), dtype=np.uint8)
+    labels = [int(v) for v in rng.permutation(np.arange(n) % num_classes)]  # every class present
+    if fine:
+        return {b"data": data, b"fine_labels": labels, b"coarse_labels": [c // 5 for c in labels]}
+    return {b"data": data, b"labels": labels}
+
+
+def make_cifar10(root: Path) -> None:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(cifar_batch(8, 10, i), protocol=2))
+    (folder / "test_batch").write_bytes(pickle.dumps(cifar_batch(5, 10, 9), protocol=2))
+    names = [n.encode() for n in "airplane automobile bird cat deer dog frog horse ship truck".split()]
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=2))
+
+
+def make_cifar100(root: Path) -> None:
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    (folder / "train").write_bytes(pickle.dumps(cifar_batch(400, 100, 1, fine=True), protocol=2))
+    (folder / "test").write_bytes(pickle.dumps(cifar_batch(20, 100, 2, fine=True), protocol=2))
+    (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}))
+
+
+def run_module(*args, env=None, cwd=REPO, timeout=600) -> subprocess.CompletedProcess:
+    """Run `python -m ...` in a subprocess, capturing output."""
+    return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    """The built-in digits set with 40% symmetric noise, prepared once per test session."""
+    from data.prepare import build_parser, prepare
+
+    out = tmp_path_factory.mktemp("digits")
+    prepare(build_parser().parse_args(["digits", "--out", str(out), "--noise", "symmetric:0.4"]))
+    return out
