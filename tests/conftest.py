@@ -129,3 +129,39 @@ def digits_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits")
     prepare(build_parser().parse_args(["digits", "--out", str(out), "--noise", "symmetric:0.4"]))
     return out
+
+
+def _distributed_child(rank, world_size, store_path, fn, args, queue):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    try:
+        queue.put((rank, fn(rank, *args)))
+    except BaseException as e:  # report, so the parent fails with the child's reason
+        queue.put((rank, e))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size, *args, tmp_path):
+    """Run `fn(rank, *args)` on `world_size` spawned CPU ranks over gloo; the results in rank order.
+
+    Spawned, not forked: a child forked after FAISS/OpenMP started its thread pool deadlocks.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    store = tmp_path / f"store-{fn.__name__}"
+    procs = [ctx.Process(target=_distributed_child, args=(r, world_size, store, fn, args, queue))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get() for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    for r, value in results.items():
+        if isinstance(value, BaseException):
+            raise RuntimeError(f"rank {r} failed") from value
+    return [results[r] for r in range(world_size)]

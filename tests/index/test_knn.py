@@ -1,0 +1,57 @@
+"""Sharded exact kNN over 2 gloo ranks equals single-process FAISS and torch.cdist + topk."""
+import faiss
+import numpy as np
+import pytest
+import torch
+from conftest import run_distributed
+
+from index.knn import knn_exact, knn_in_batch, knn_sharded
+
+
+def cdist_reference(x, ids, k):
+    d = torch.cdist(torch.from_numpy(x).double(), torch.from_numpy(x).double()) ** 2
+    d.fill_diagonal_(float("inf"))
+    return ids[d.topk(k, largest=False).indices.numpy()]
+
+
+def shard_rows(n, rank, sizes):
+    bounds = np.cumsum([0, *sizes])
+    return np.arange(bounds[rank], bounds[rank + 1])
+
+
+def sharded_child(rank, x, ids, k, sizes, metric):
+    rows = shard_rows(len(x), rank, sizes)
+    return knn_sharded(x[rows], ids[rows], k, metric=metric, block=7)
+
+
+@pytest.mark.parametrize("k,sizes", [(1, (40, 21)), (3, (1, 60)), (4, (30, 31))])
+def test_sharded_equals_single_process(tmp_path, k, sizes):
+    rng = np.random.default_rng(k)
+    x = rng.normal(size=(61, 16)).astype(np.float32)
+    ids = rng.permutation(1000)[:61]  # sample ids need not be positions
+    results = run_distributed(sharded_child, 2, x, ids, k, sizes, "l2", tmp_path=tmp_path)
+    order = np.argsort(ids)
+    expected = cdist_reference(x, ids, k)[order]
+    _, faiss_pos = faiss.knn(x, x, k + 1)
+    assert np.array_equal(ids[faiss_pos[:, 1:]][order], expected)
+    assert np.array_equal(knn_exact(x, ids, k)[order], expected)
+    for query_ids, neighbours in results:  # identical on both ranks
+        assert np.array_equal(query_ids, ids[order])
+        assert np.array_equal(neighbours, expected)
+
+
+def test_duplicates_ties_break_by_id_and_self_excluded(tmp_path):
+    x = np.repeat(np.eye(4, dtype=np.float32), 3, axis=0)  # 4 groups of 3 identical points
+    ids = np.arange(12)[::-1].copy()
+    results = run_distributed(sharded_child, 2, x, ids, 2, (5, 7), "cosine", tmp_path=tmp_path)
+    query_ids, neighbours = results[0]
+    for q, row in zip(query_ids, neighbours):
+        group = set(ids[np.flatnonzero((x == x[ids.tolist().index(q)]).all(1))].tolist())
+        assert q not in row and row.tolist() == sorted(group - {q})
+    assert np.array_equal(results[1][1], neighbours)
+    assert np.array_equal(knn_exact(x, ids, 2)[np.argsort(ids)], neighbours)
+
+
+def test_in_batch_scope():
+    emb = torch.tensor([[0.0], [0.1], [5.0], [5.2]])
+    assert knn_in_batch(emb, 1).flatten().tolist() == [1, 0, 3, 2]
