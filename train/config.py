@@ -1,0 +1,143 @@
+"""One typed configuration: dataclass defaults (= the digits demo), YAML file, `--key value` overrides."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "launch" / "configs"
+
+
+@dataclass
+class Config:
+    """Every setting of a run. `batch_size` is the global batch (split evenly over the processes)."""
+
+    # data
+    dataset: str = "digits"  # transform preset; digits is prepared on first use
+    data: str = ""  # prepared shards folder (data.prepare --out); "" = shards/<dataset>-<noise>-s<noise_seed>
+    noise: str = "symmetric:0.4"  # only for preparing the built-in digits set on first use
+    noise_seed: int = 0
+    train_split: str = "train"
+    eval_splits: list = field(default_factory=lambda: ["test"])
+    select_split: str = ""  # split choosing the best checkpoint ("" = first eval split)
+    image_size: int = 0  # 0 = the data set preset
+    workers: int = 0  # DataLoader worker processes per rank
+    # model
+    model: str = "small_cnn"
+    pretrained: str = ""  # local weights file; nothing is ever downloaded
+    drop_rate: float = 0.0
+    # method
+    method: str = "mixnn"  # ce | mixup | mixnn
+    k: int = 1  # neighbours per sample
+    warmup_epochs: int = 5
+    correction_epoch: int = 10  # E_s: soft targets move by EMA from this epoch on (-1: never)
+    ema: float = 0.9
+    gmm_loss: str = "given"  # loss the GMM sees: against the given label or the corrected argmax(t)
+    weights: str = "clean"  # clean (Eq. 10/11) | avg | random
+    partners: str = "knn"  # knn | random
+    mixup_alpha: float = 1.0
+    metric: str = "l2"  # l2 | cosine
+    targets_topk: int = 0  # 0: dense float16 soft targets; >0: keep the top-k classes per sample
+    # optimisation
+    epochs: int = 60
+    batch_size: int = 64
+    num_batches: int = 0  # 0: full pass per epoch; >0: class-balanced draw of num_batches batches
+    lr: float = 0.05
+    lr_min: float = 1e-4
+    restart_period: int = 10  # cosine annealing with warm restarts, in epochs
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    mixed_precision: str = "auto"  # auto: bf16 on CUDA, none on CPU | bf16 | no
+    # run
+    seed: int = 0
+    output: str = "runs"
+    run_name: str = ""  # "" = <dataset>-<method>-<timestamp>
+    resume: str = ""  # run folder to continue
+    eval_every: int = 1
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+
+class ConfigError(ValueError):
+    """An unknown key or a value of the wrong type."""
+
+
+def field_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def convert(key: str, value, kind: type):
+    """Coerce a YAML or command-line value to the field's type."""
+    if kind is list:
+        return value if isinstance(value, list) else [v for v in str(value).split(",") if v]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{key}: expected true/false, got {value!r}")
+    try:
+        return kind(value) if value is not None else kind()
+    except (TypeError, ValueError):
+        raise ConfigError(f"--{key}: expected {kind.__name__}, got {value!r}") from None
+
+
+def apply(cfg: Config, values: dict, origin: str) -> Config:
+    """Set known keys; unknown keys are an error naming the closest known one."""
+    types = field_types()
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key not in types:
+            close = difflib.get_close_matches(key, types, n=1)
+            raise ConfigError(f"{origin}: unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        setattr(cfg, key, convert(key, value, types[key]))
+    return cfg
+
+
+def parse_overrides(argv: list[str]) -> dict:
+    """`--key value` pairs (and `--key=value`) into a dict."""
+    out, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; use --key value")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{arg} needs a value")
+            key, value = arg[2:], argv[i + 1]
+            i += 2
+        out[key] = value
+    return out
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found (shipped configs: {CONFIG_DIR})")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def load_config(argv: list[str]) -> Config:
+    """Defaults <- `--config FILE` (or the resumed run's config.yaml) <- `--key value` overrides."""
+    overrides = parse_overrides(argv)
+    cfg = Config()
+    if "resume" in overrides:
+        apply(cfg, read_yaml(Path(overrides["resume"]) / "config.yaml"), "resumed run")
+    config_file = overrides.pop("config", None)
+    if config_file:
+        apply(cfg, read_yaml(Path(config_file)), config_file)
+    return apply(cfg, overrides, "command line")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved configuration (`config.yaml` in the run folder) so the run can be repeated."""
+    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))

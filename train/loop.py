@@ -1,0 +1,155 @@
+"""The epoch: refresh pass, tables (GMM, kNN, soft targets), training pass, evaluation."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.reader import ShardDataset, id_loader
+from index.comm import all_gather_rows, broadcast_array, gather_by_id
+from index.gmm import CleanFit, clean_probability
+from index.knn import knn_sharded
+
+from .methods import Tables, soft_cross_entropy
+from .metrics import topk_correct
+from .models import embed_and_classify
+
+
+@dataclass
+class RefreshStats:
+    """This rank's refresh pass: sample ids and their softmax and embeddings."""
+
+    ids: np.ndarray  # [n_local] int64
+    probs: np.ndarray  # [n_local, C] float32
+    embeddings: np.ndarray  # [n_local, d] float32
+
+
+def batched(ids: np.ndarray, size: int) -> list[np.ndarray]:
+    """Consecutive chunks of at most `size` ids."""
+    return [ids[i:i + size] for i in range(0, len(ids), size)]
+
+
+@torch.no_grad()
+def refresh(model, dataset: ShardDataset, ids: np.ndarray, accelerator, batch_size: int, workers: int,
+            progress: bool = False) -> RefreshStats:
+    """Eval-mode forward over this rank's ids (no augmentation): softmax and embeddings per id."""
+    model.eval()
+    out_ids, probs, embeddings = [], [], []
+    loader = id_loader(dataset, batched(ids, batch_size), workers)
+    for batch in tqdm(loader, desc="refresh", disable=not progress, leave=False):
+        if batch["images"] is None:
+            continue
+        keep = batch["valid"]
+        with accelerator.autocast():
+            features, logits = embed_and_classify(model, batch["images"][keep].to(accelerator.device))
+        out_ids.append(batch["ids"][keep].numpy())
+        probs.append(torch.softmax(logits.float(), 1).cpu().numpy())
+        embeddings.append(features.float().cpu().numpy())
+    if not out_ids:
+        empty = np.zeros((0,), np.int64)
+        return RefreshStats(empty, np.zeros((0, model.get_classifier().out_features), np.float32),
+                            np.zeros((0, model.num_features), np.float32))
+    return RefreshStats(np.concatenate(out_ids), np.concatenate(probs), np.concatenate(embeddings))
+
+
+def per_sample_loss(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Cross-entropy -log p[label] of each row."""
+    return -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
+
+
+def fit_clean(losses: np.ndarray, seed: int, is_main: bool) -> tuple[np.ndarray, CleanFit | None]:
+    """GMM on rank 0, clean probabilities broadcast (NaN losses: never refreshed -> probability 0)."""
+    fit = None
+    prob = None
+    if is_main:
+        seen = ~np.isnan(losses)
+        fit = clean_probability(losses[seen], seed=seed)
+        prob = np.zeros(len(losses), np.float32)
+        prob[seen] = fit.prob
+    return broadcast_array(prob, src=0), fit
+
+
+def neighbour_table(stats: RefreshStats, num_samples: int, k: int, metric: str) -> np.ndarray:
+    """[N, k] neighbour ids (-1 for ids outside the epoch) via the sharded exact search."""
+    query_ids, neighbours = knn_sharded(stats.embeddings, stats.ids, k, metric=metric)
+    table = np.full((num_samples, k), -1, dtype=np.int64)
+    table[query_ids] = neighbours
+    return table
+
+
+def update_targets(tables: Tables, stats: RefreshStats, momentum: float) -> None:
+    """Eq. 12 on this rank's rows, then every rank writes every rank's new rows (identical tables)."""
+    rows = tables.targets.ema_rows(stats.ids, torch.from_numpy(stats.probs), momentum).numpy()
+    all_ids = np.concatenate(all_gather_rows(stats.ids))
+    all_rows = np.concatenate(all_gather_rows(rows.astype(np.float32)))
+    tables.targets.assign(all_ids, torch.from_numpy(all_rows))
+
+
+def zero_loss_step(model, shape, accelerator) -> torch.Tensor:
+    """A zero loss through the model so DDP's gradient all-reduce still runs when a batch was all skipped."""
+    return model(torch.zeros(shape, device=accelerator.device)).sum() * 0.0
+
+
+def train_one_epoch(model, optimizer, method, loader, tables: Tables, accelerator, generator,
+                    input_shape, progress: bool = False) -> dict:
+    """One pass over the loader: mixed inputs and targets from the method, soft CE (Eq. 7), SGD step."""
+    model.train()
+    total, count, skipped, wait, t0 = 0.0, 0, 0, 0.0, time.perf_counter()
+    fetched = time.perf_counter()
+    for batch in tqdm(loader, desc="train", disable=not progress, leave=False):
+        wait += time.perf_counter() - fetched
+        skipped += batch["skipped"]
+        with accelerator.autocast():
+            if batch["images"] is not None and batch["valid"].any():
+                batch["images"] = batch["images"].to(accelerator.device, non_blocking=True)
+                inputs, targets = method.inputs_targets(batch, tables, generator)
+            else:
+                inputs = torch.zeros(0)
+            if len(inputs):
+                loss = soft_cross_entropy(model(inputs), targets.to(accelerator.device))
+            else:
+                loss = zero_loss_step(model, (2, *input_shape), accelerator)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        total += loss.item() * len(inputs)
+        count += len(inputs)
+        fetched = time.perf_counter()
+    seconds = time.perf_counter() - t0
+    return {"train_loss": total / max(count, 1), "train_images": count, "train_seconds": seconds,
+            "data_wait_seconds": wait, "skipped_train": skipped}
+
+
+@torch.no_grad()
+def evaluate(model, dataset: ShardDataset, accelerator, batch_size: int, workers: int) -> dict:
+    """Top-1/top-5 over a whole split, distributed; checks that every sample was counted exactly once."""
+    model.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    ids = np.array_split(np.arange(len(dataset)), world)[rank]
+    rows = []
+    for batch in id_loader(dataset, batched(ids, batch_size), workers):
+        if batch["images"] is None:
+            continue
+        keep = batch["valid"]
+        with accelerator.autocast():
+            logits = model(batch["images"][keep].to(accelerator.device)).float().cpu().numpy()
+        labels = batch["labels"][keep].numpy()
+        rows.append(np.stack([batch["ids"][keep].numpy(), topk_correct(logits, labels, 1),
+                              topk_correct(logits, labels, 5)], 1))
+    local = np.concatenate(rows) if rows else np.zeros((0, 3), np.int64)
+    seen = gather_by_id(local[:, 0], local[:, 1:].astype(np.float32), len(dataset))
+    return summarise_eval(seen, len(dataset), np.concatenate(all_gather_rows(local[:, 0])))
+
+
+def summarise_eval(seen: np.ndarray, size: int, all_ids: np.ndarray) -> dict:
+    """Accuracies over the evaluated ids; raises when a sample was counted twice (padded sampler)."""
+    if len(all_ids) != len(np.unique(all_ids)):
+        raise RuntimeError(f"evaluation counted {len(all_ids) - len(np.unique(all_ids))} samples twice "
+                           f"({len(all_ids)} rows for {size} samples): a padded sampler duplicated them")
+    done = ~np.isnan(seen[:, 0])
+    return {"top1": float(seen[done, 0].mean() * 100) if done.any() else 0.0,
+            "top5": float(seen[done, 1].mean() * 100) if done.any() else 0.0,
+            "evaluated": int(done.sum()), "skipped": int(size - done.sum())}

@@ -1,0 +1,316 @@
+"""Entry point: `accelerate launch train/main.py [--config launch/configs/X.yaml] [--key value ...]`.
+
+With no arguments: MixNN on the built-in digits set with 40% symmetric noise (prepared on first use).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by `accelerate launch train/main.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "train"
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.tracking import TensorBoardTracker
+
+from data.plan import build_epoch_plan, epoch_rng
+from data.reader import ShardDataset, id_loader
+from data.shards import read_manifest
+from data.transforms import EvalTransform, TrainTransform, get_preset
+from index.comm import all_gather_rows, gather_by_id
+
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, load_config, save_config
+from .loop import (evaluate, fit_clean, neighbour_table, per_sample_loss, refresh, train_one_epoch,
+                   update_targets)
+from .methods import CrossEntropy, Tables, create_method
+from .metrics import label_correction_accuracy, neighbour_agreement, noise_detection
+from .models import create_model
+from .targets import SoftTargets
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class Data:
+    """The prepared data set: manifest, training split (augmenting and plain views), eval splits."""
+
+    root: Path
+    manifest: dict
+    train: ShardDataset  # train transform
+    train_plain: ShardDataset  # eval transform, for the refresh pass
+    evals: dict  # split name -> ShardDataset
+    input_shape: tuple
+
+
+def create_accelerator(cfg: Config) -> Accelerator:
+    """CPU (gloo) without CUDA; bf16 autocast on CUDA when mixed_precision is auto or bf16."""
+    cuda = torch.cuda.is_available()
+    precision = "bf16" if cuda and cfg.mixed_precision in ("auto", "bf16") else "no"
+    return Accelerator(cpu=not cuda, mixed_precision=precision)
+
+
+def resolve_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
+    """The run folder (the resumed one, or output/<name>), the same on every rank."""
+    if cfg.resume:
+        return Path(cfg.resume)
+    name = [cfg.run_name or f"{cfg.dataset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"]
+    if accelerator.num_processes > 1:
+        torch.distributed.broadcast_object_list(name, src=0)
+    return Path(cfg.output) / name[0]
+
+
+def data_root(cfg: Config) -> Path:
+    return Path(cfg.data or f"shards/{cfg.dataset}-{cfg.noise.replace(':', '')}-s{cfg.noise_seed}")
+
+
+def ensure_prepared(cfg: Config, accelerator: Accelerator) -> Path:
+    """Prepare the built-in digits set on first use (main process; the others wait)."""
+    root = data_root(cfg)
+    if accelerator.is_main_process and not (root / "dataset.json").is_file():
+        if cfg.dataset != "digits":
+            raise FileNotFoundError(f"{root}/dataset.json not found: prepare the data with "
+                                    f"`python -m data.prepare {cfg.dataset} --root RAW --out {root}`")
+        from data.prepare import build_parser, prepare
+
+        logger.info("preparing digits with %s noise into %s", cfg.noise, root)
+        prepare(build_parser().parse_args(["digits", "--out", str(root), "--noise", cfg.noise,
+                                           "--seed", str(cfg.noise_seed)]))
+    accelerator.wait_for_everyone()
+    return root
+
+
+def load_data(cfg: Config, accelerator: Accelerator) -> Data:
+    root = ensure_prepared(cfg, accelerator)
+    manifest = read_manifest(root)
+    preset = get_preset(cfg.dataset, cfg.image_size or None)
+    train = ShardDataset(root / cfg.train_split, TrainTransform(preset=preset), preset.mode)
+    plain = ShardDataset(root / cfg.train_split, EvalTransform(preset=preset), preset.mode)
+    evals = {s: ShardDataset(root / s, EvalTransform(preset=preset), preset.mode) for s in cfg.eval_splits}
+    return Data(root, manifest, train, plain, evals, (1 if preset.mode == "L" else 3, preset.size, preset.size))
+
+
+def create_optimizer(cfg: Config, model):
+    """SGD with momentum and cosine annealing with warm restarts (stepped per epoch)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=cfg.restart_period,
+                                                                     eta_min=cfg.lr_min)
+    return optimizer, scheduler
+
+
+def refresh_tables(cfg: Config, epoch: int, model, data: Data, plan, tables: Tables, accelerator) -> dict:
+    """Refresh pass -> GMM clean probabilities -> soft targets (epoch >= E_s) -> neighbour table."""
+    t0 = time.perf_counter()
+    rank = accelerator.process_index
+    stats = refresh(accelerator.unwrap_model(model), data.train_plain, plan.refresh_slice(rank), accelerator,
+                    max(cfg.batch_size // accelerator.num_processes, 1) * 2, cfg.workers,
+                    progress=cfg.progress and accelerator.is_local_main_process)
+    t1 = time.perf_counter()
+    labels = (tables.targets.corrected() if cfg.gmm_loss == "corrected" else data.train.labels)[stats.ids]
+    losses = gather_by_id(stats.ids, per_sample_loss(stats.probs, labels).astype(np.float32), len(data.train))
+    clean, fit = fit_clean(losses, cfg.seed + epoch, accelerator.is_main_process)
+    tables.clean = clean
+    t2 = time.perf_counter()
+    if 0 <= cfg.correction_epoch <= epoch:
+        update_targets(tables, stats, cfg.ema)
+    t3 = time.perf_counter()
+    tables.partners = neighbour_table(stats, len(data.train), cfg.k, cfg.metric)
+    t4 = time.perf_counter()
+    out = {"time_refresh": t1 - t0, "time_gmm": t2 - t1, "time_targets": t3 - t2, "time_knn": t4 - t3,
+           "clean_fraction": float((clean[plan.unique_ids] > 0.5).mean()),
+           "neighbour_agreement": neighbour_agreement(tables.partners, data.train.labels, plan.unique_ids)}
+    if fit is not None:
+        out.update(gmm_mean_clean=fit.means[0], gmm_mean_noisy=fit.means[1], gmm_weight_clean=fit.weights[0])
+    return out
+
+
+def train_batches(cfg, epoch, plan, method, tables, rank) -> list[np.ndarray]:
+    """Per step: this rank's anchor ids followed by their partners' ids (read together, prefetched)."""
+    rng = epoch_rng(cfg.seed, epoch, stream=2 + rank)
+    out = []
+    for anchors in plan.batches(rank):
+        partners = method.partner_ids(anchors, tables, plan.unique_ids, rng)
+        out.append(np.concatenate([anchors, partners.T.reshape(-1)]))
+    return out
+
+
+def run_epoch(cfg: Config, epoch: int, model, optimizer, method, data: Data, tables: Tables, accelerator) -> dict:
+    """One epoch of Algorithm 1 (warm-up epochs: plain cross-entropy, no refresh)."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    plan = build_epoch_plan(data.train.labels, seed=cfg.seed, epoch=epoch, batch_size=cfg.batch_size,
+                            world_size=world, num_batches=cfg.num_batches)
+    metrics = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+    if epoch >= cfg.warmup_epochs and method.name == "mixnn":
+        metrics.update(refresh_tables(cfg, epoch, model, data, plan, tables, accelerator))
+    else:
+        method = CrossEntropy() if epoch < cfg.warmup_epochs else method
+    seed = (cfg.seed * 1_000_003 + epoch) * 1009 + rank
+    loader = id_loader(data.train, train_batches(cfg, epoch, plan, method, tables, rank), cfg.workers, seed)
+    generator = torch.Generator().manual_seed(seed)
+    stats = train_one_epoch(model, optimizer, method, loader, tables, accelerator, generator, data.input_shape,
+                            progress=cfg.progress and accelerator.is_local_main_process)
+    totals = np.concatenate(all_gather_rows(np.array([[stats["train_images"], stats["skipped_train"]]])))
+    metrics.update(stats, images_per_second=float(totals[:, 0].sum() / max(stats["train_seconds"], 1e-9)),
+                   skipped_train=int(totals[:, 1].sum()))
+    metrics.update(table_metrics(data.train, tables, plan.unique_ids))
+    return metrics
+
+
+def table_metrics(train: ShardDataset, tables: Tables, ids: np.ndarray) -> dict:
+    """Label-correction accuracy and noise detection, when true labels are known."""
+    out = {}
+    acc = label_correction_accuracy(tables.targets.corrected(), train.true_labels, np.arange(len(train)))
+    if acc is not None:
+        out["label_correction_accuracy"] = acc
+    if tables.clean is not None:
+        out.update(noise_detection(tables.clean, train.labels, train.true_labels, ids))
+    return out
+
+
+def evaluate_splits(cfg: Config, epoch: int, model, data: Data, accelerator) -> dict:
+    """Top-1/top-5 of every eval split (every `eval_every` epochs and at the last epoch)."""
+    if (epoch + 1) % cfg.eval_every and epoch + 1 != cfg.epochs:
+        return {}
+    out = {}
+    for name, ds in data.evals.items():
+        result = evaluate(model, ds, accelerator, max(cfg.batch_size // accelerator.num_processes, 1) * 2,
+                          cfg.workers)
+        out.update({f"{name}_top1": result["top1"], f"{name}_top5": result["top5"],
+                    f"{name}_skipped": result["skipped"]})
+    return out
+
+
+def checkpoint_state(cfg, epoch, model, optimizer, scheduler, tables, best, accelerator) -> dict:
+    """Everything a resumed run needs; every rank's RNG state is gathered into the one file."""
+    rng = all_gather_rows(torch.get_rng_state().numpy()[None])
+    return {"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "targets": tables.targets.state_dict(),
+            "clean": None if tables.clean is None else torch.from_numpy(tables.clean),
+            "partners": None if tables.partners is None else torch.from_numpy(tables.partners),
+            "rng": [torch.from_numpy(r[0]) for r in rng], "best": best, "config": dataclasses.asdict(cfg)}
+
+
+def restore(state: dict, model, optimizer, scheduler, tables: Tables, accelerator) -> tuple[int, dict]:
+    """Load a checkpoint into the live objects; returns (next epoch, best record)."""
+    accelerator.unwrap_model(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    tables.targets.load_state_dict(state["targets"])
+    tables.clean = None if state["clean"] is None else state["clean"].numpy()
+    tables.partners = None if state["partners"] is None else state["partners"].numpy()
+    if len(state["rng"]) == accelerator.num_processes:
+        torch.set_rng_state(state["rng"][accelerator.process_index])
+    return state["epoch"], state["best"]
+
+
+class RunLog:
+    """summary.csv (one row per epoch, main process) + TensorBoard through Accelerate's tracker."""
+
+    def __init__(self, run_dir: Path, accelerator: Accelerator, cfg: Config):
+        self.path, self.accelerator = run_dir / "summary.csv", accelerator
+        if accelerator.is_main_process:
+            accelerator.log_with = [TensorBoardTracker("tb", str(run_dir))]
+        accelerator.init_trackers("tb", config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
+
+    def write(self, metrics: dict, tables: Tables, train: ShardDataset) -> None:
+        self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=metrics["epoch"])
+        if not self.accelerator.is_main_process:
+            return
+        self.histograms(metrics["epoch"], tables, train)
+        rows = list(csv.DictReader(self.path.open())) if self.path.is_file() else []
+        rows = [r for r in rows if int(r["epoch"]) < metrics["epoch"]] + [metrics]  # resumed: drop redone epochs
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def histograms(self, epoch: int, tables: Tables, train: ShardDataset) -> None:
+        if tables.clean is None:
+            return
+        writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+        writer.add_histogram("clean_probability/all", tables.clean, epoch)
+        known = train.true_labels >= 0
+        for name, mask in (("truly_clean", known & (train.labels == train.true_labels)),
+                           ("truly_noisy", known & (train.labels != train.true_labels))):
+            if mask.any():
+                writer.add_histogram(f"clean_probability/{name}", tables.clean[mask], epoch)
+
+
+def main(argv=None) -> dict:
+    """Train; returns (and prints, on the main process) the final summary."""
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    accelerator = create_accelerator(cfg)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    run_dir = resolve_run_dir(cfg, accelerator)
+    data = load_data(cfg, accelerator)
+    torch.manual_seed(cfg.seed)  # same initial weights everywhere; a resumed run restores its RNG below
+    num_classes = data.manifest["num_classes"]
+    model = create_model(cfg.model, num_classes, data.input_shape[0], pretrained=cfg.pretrained,
+                         drop_rate=cfg.drop_rate)
+    optimizer, scheduler = create_optimizer(cfg, model)
+    model, optimizer = accelerator.prepare(model, optimizer)  # loaders stay ours: ids are split by the plan
+    tables = Tables(SoftTargets(data.train.labels, num_classes, cfg.targets_topk))
+    start, best = 0, {"metric": -1.0, "epoch": -1}
+    if cfg.resume and find_checkpoint(run_dir).is_file():
+        start, best = restore(load_checkpoint(find_checkpoint(run_dir)), model, optimizer, scheduler, tables,
+                              accelerator)
+        logger.info("resumed %s at epoch %d", run_dir, start)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(dataclasses.replace(cfg, resume=""), run_dir / "config.yaml")
+    log = RunLog(run_dir, accelerator, cfg)
+    method = create_method(cfg)
+    select = cfg.select_split or (cfg.eval_splits[0] if cfg.eval_splits else "")
+    metrics = {}
+    for epoch in range(start, cfg.epochs):
+        metrics = run_epoch(cfg, epoch, model, optimizer, method, data, tables, accelerator)
+        metrics.update(evaluate_splits(cfg, epoch, model, data, accelerator))
+        scheduler.step()
+        is_best = f"{select}_top1" in metrics and metrics[f"{select}_top1"] > best["metric"]
+        if is_best:
+            best = {"metric": metrics[f"{select}_top1"], "epoch": epoch, **{k: v for k, v in metrics.items()
+                                                                          if k.endswith(("_top1", "_top5"))}}
+        state = checkpoint_state(cfg, epoch, model, optimizer, scheduler, tables, best, accelerator)
+        if accelerator.is_main_process:
+            save_checkpoint(run_dir, state, epoch, keep=cfg.keep_checkpoints, is_best=is_best)
+        log.write(metrics, tables, data.train)
+        logger.info(format_epoch(metrics), main_process_only=True)
+        accelerator.wait_for_everyone()
+    summary = final_summary(cfg, run_dir, metrics, best, accelerator)
+    accelerator.end_training()
+    return summary
+
+
+def format_epoch(m: dict) -> str:
+    keys = ("train_loss", "lr", "test_top1", "val_top1", "label_correction_accuracy", "noise_precision",
+            "noise_recall", "clean_fraction", "train_seconds")
+    return f"epoch {m['epoch']}: " + " ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
+
+
+def final_summary(cfg: Config, run_dir: Path, metrics: dict, best: dict, accelerator) -> dict:
+    """final.json in the run folder and a short table on stdout (main process)."""
+    keys = [k for k in metrics if k.endswith(("_top1", "_top5")) or k.startswith(("label_correction", "noise_"))]
+    summary = {"run_dir": str(run_dir), "epochs": cfg.epochs, "last": {k: metrics[k] for k in keys}, "best": best}
+    if accelerator.is_main_process:
+        (run_dir / "final.json").write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"\nrun {run_dir} finished ({cfg.method}, {cfg.epochs} epochs)")
+        for k in keys:
+            print(f"  {k:28s} {metrics[k]:.4f}")
+        if best["epoch"] >= 0:
+            print(f"  best epoch {best['epoch']} by {cfg.select_split or cfg.eval_splits[0]}: {best['metric']:.2f}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
