@@ -187,9 +187,13 @@ def write_manifest(out: Path, name: str, class_names: list[str], splits: dict[st
     """`dataset.json`: merged with an existing manifest so splits can be prepared separately."""
     path = out / "dataset.json"
     manifest = json.loads(path.read_text()) if path.is_file() else {}
-    manifest.update({"format_version": FORMAT_VERSION, "name": name, "num_classes": len(class_names),
-                     "class_names": class_names, **extra})
-    manifest.setdefault("splits", {}).update(splits)
+    if manifest.get("num_classes", len(class_names)) != len(class_names):
+        raise ValueError(f"{path}: holds {manifest['num_classes']} classes, these splits {len(class_names)}; "
+                         "use --num-classes to match or another --out")
+    manifest.setdefault("name", name)  # ilsvrc12_val prepared into a WebVision folder keeps its name
+    manifest.update({"format_version": FORMAT_VERSION, "num_classes": len(class_names),
+                     "class_names": manifest.get("class_names", class_names), **extra})
+    manifest.setdefault("splits", {}).update({k: {"source": name, **v} for k, v in splits.items()})
     path.write_text(json.dumps(manifest, indent=1) + "\n")
 
 

@@ -252,7 +252,7 @@ def read_ilsvrc12_val(root: Path, synsets: Path, num_classes: int = 1000, soluti
             pairs.append((p, by_id[p.stem]))
     records = [Record(str(p.relative_to(root)), class_of[w], class_of[w], path=str(p))
                for p, w in pairs if w in class_of]
-    return Source("ilsvrc12-val", names[:num_classes], {"val": records},
+    return Source("ilsvrc12-val", names[:num_classes], {"ilsvrc12_val": records},
                   extra={"layout": layout, "wnids": wnids[:num_classes]})
 
 

@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +135,16 @@ def refresh_tables(cfg: Config, epoch: int, model, data: Data, plan, tables: Tab
     return out
 
 
+def check_tables_identical(tables: Tables) -> None:
+    """Every rank must hold the same per-sample tables; a CRC of each is compared across ranks."""
+    parts = [tables.targets.values.numpy().tobytes(), b"" if tables.clean is None else tables.clean.tobytes(),
+             b"" if tables.partners is None else tables.partners.tobytes()]
+    digest = np.array([[zlib.crc32(p) for p in parts]], dtype=np.int64)
+    everyone = np.concatenate(all_gather_rows(digest))
+    if (everyone != everyone[0]).any():
+        raise RuntimeError(f"per-sample tables differ between ranks (CRCs {everyone.tolist()})")
+
+
 def train_batches(cfg, epoch, plan, method, tables, rank) -> list[np.ndarray]:
     """Per step: this rank's anchor ids followed by their partners' ids (read together, prefetched)."""
     rng = epoch_rng(cfg.seed, epoch, stream=2 + rank)
@@ -152,6 +163,8 @@ def run_epoch(cfg: Config, epoch: int, model, optimizer, method, data: Data, tab
     metrics = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
     if epoch >= cfg.warmup_epochs and method.name == "mixnn":
         metrics.update(refresh_tables(cfg, epoch, model, data, plan, tables, accelerator))
+        check_tables_identical(tables)
+        metrics["tables_checked_ranks"] = world
     else:
         method = CrossEntropy() if epoch < cfg.warmup_epochs else method
     seed = (cfg.seed * 1_000_003 + epoch) * 1009 + rank
@@ -252,6 +265,7 @@ def main(argv=None) -> dict:
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     accelerator = create_accelerator(cfg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     run_dir = resolve_run_dir(cfg, accelerator)
     data = load_data(cfg, accelerator)
     torch.manual_seed(cfg.seed)  # same initial weights everywhere; a resumed run restores its RNG below

@@ -154,15 +154,15 @@ def test_ilsvrc12_val_three_layouts(tmp_path):
     ilsvrc_images(tmp_path / "a" / "val", wnids)
     res = run_prepare("ilsvrc12-val", "--root", tmp_path / "a" / "val", "--out", tmp_path / "sa",
                       "--synsets", synsets, "--num-classes", "50")
-    assert res["val"]["count"] == 6
-    assert ShardDataset(tmp_path / "sa" / "val").labels.tolist() == expected
+    assert res["ilsvrc12_val"]["count"] == 6
+    assert ShardDataset(tmp_path / "sa" / "ilsvrc12_val").labels.tolist() == expected
     # 2) flat + LOC_val_solution.csv (rows in arbitrary order)
     names = ilsvrc_images(tmp_path / "b" / "val", wnids, folders=False)
     rows = [f"{n.split('.')[0]},{w} 1 2 3 4 {w} 5 6 7 8" for n, w in reversed(names)]
     write_lines(tmp_path / "b" / "LOC_val_solution.csv", ["ImageId,PredictionString", *rows])
     run_prepare("ilsvrc12-val", "--root", tmp_path / "b" / "val", "--out", tmp_path / "sb", "--synsets", synsets,
                 "--num-classes", "50")
-    assert ShardDataset(tmp_path / "sb" / "val").labels.tolist() == expected
+    assert ShardDataset(tmp_path / "sb" / "ilsvrc12_val").labels.tolist() == expected
     # 3) flat + devkit: ILSVRC2012_IDs deliberately NOT in sorted-wnid order
     names = ilsvrc_images(tmp_path / "c" / "val", wnids, folders=False)
     ids = {w: 1000 - i for i, w in enumerate(wnids)}
@@ -175,7 +175,7 @@ def test_ilsvrc12_val_three_layouts(tmp_path):
     write_lines(devkit / "ILSVRC2012_validation_ground_truth.txt", [str(ids[w]) for _, w in names])
     run_prepare("ilsvrc12-val", "--root", tmp_path / "c" / "val", "--out", tmp_path / "sc", "--synsets", synsets,
                 "--num-classes", "50", "--devkit", devkit)
-    assert ShardDataset(tmp_path / "sc" / "val").labels.tolist() == expected
+    assert ShardDataset(tmp_path / "sc" / "ilsvrc12_val").labels.tolist() == expected
 
 
 def test_cifar10_asymmetric_noise(tmp_path):

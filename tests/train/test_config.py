@@ -1,0 +1,35 @@
+"""Typed configuration: YAML defaults, CLI overrides, unknown keys rejected, shipped configs valid."""
+import dataclasses
+
+import pytest
+import yaml
+
+from train.config import CONFIG_DIR, Config, ConfigError, load_config, save_config
+
+
+def test_overrides_and_types(tmp_path):
+    cfg = load_config(["--epochs", "3", "--lr=0.1", "--eval_splits", "val,test", "--progress", "false"])
+    assert cfg.epochs == 3 and cfg.lr == 0.1 and cfg.eval_splits == ["val", "test"] and cfg.progress is False
+    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+        load_config(["--epoch", "3"])
+    with pytest.raises(ConfigError, match="expected int"):
+        load_config(["--epochs", "many"])
+
+
+def test_yaml_then_cli_and_resume_round_trip(tmp_path):
+    (tmp_path / "c.yaml").write_text("epochs: 7\nmethod: ce\n")
+    cfg = load_config(["--config", str(tmp_path / "c.yaml"), "--method", "mixup"])
+    assert cfg.epochs == 7 and cfg.method == "mixup"
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(["--resume", str(tmp_path), "--epochs", "9"])
+    assert again.method == "mixup" and again.epochs == 9 and again.resume == str(tmp_path)
+
+
+def test_shipped_configs_parse_and_digits_matches_defaults():
+    names = {p.stem for p in CONFIG_DIR.glob("*.yaml")}
+    assert {"digits", "cifar10", "cifar100", "clothing1m", "webvision_mini"} <= names
+    for name in names:
+        load_config(["--config", str(CONFIG_DIR / f"{name}.yaml")])
+    digits = yaml.safe_load((CONFIG_DIR / "digits.yaml").read_text())
+    defaults = dataclasses.asdict(Config())
+    assert all(defaults[k] == v for k, v in digits.items())

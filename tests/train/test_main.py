@@ -1,0 +1,80 @@
+"""End to end through `accelerate launch` on 2 CPU ranks (gloo): tables, checkpoints, resume, TensorBoard."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+ARGS = ["--epochs", "4", "--warmup_epochs", "1", "--correction_epoch", "2", "--progress", "false",
+        "--eval_every", "2"]
+
+
+def launch(tmp, *args, processes=2):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if processes == 2:
+        cmd += ["--config_file", str(REPO / "launch" / "accelerate" / "cpu2.yaml")]
+    else:
+        cmd += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += [str(REPO / "train" / "main.py"), "--output", str(tmp / "runs"), *map(str, args)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, digits_shards):
+    tmp = tmp_path_factory.mktemp("full")
+    result = launch(tmp, "--data", digits_shards, "--run_name", "full", *ARGS)
+    return tmp / "runs" / "full", result
+
+
+def test_two_rank_run_completes_with_identical_tables(full_run):
+    run, result = full_run
+    rows = list(csv.DictReader((run / "summary.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
+    refreshed = [r for r in rows if r["tables_checked_ranks"]]
+    assert len(refreshed) == 3 and all(r["tables_checked_ranks"] == "2" for r in refreshed)
+    assert float(rows[-1]["test_top1"]) > 30  # learning happened (10 classes: chance is 10%)
+    assert rows[1]["test_top1"] and not rows[0]["test_top1"]  # eval_every 2
+    final = json.loads((run / "final.json").read_text())
+    assert 0 < final["last"]["label_correction_accuracy"] <= 1 and "noise_recall" in final["last"]
+    assert "test_top1" in result.stdout  # the printed summary
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["epoch"] == 4 and len(state["rng"]) == 2 and state["partners"].shape == (1437, 1)
+    assert (run / "best.pt").is_file() and len(list((run / "checkpoints").glob("*.pt"))) == 2
+    assert (run / "config.yaml").is_file()
+
+
+def test_tensorboard_has_the_named_scalars(full_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, _ = full_run
+    events = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "histograms": 0}).Reload()
+    tags = set(events.Tags()["scalars"])
+    for name in ("train_loss", "lr", "test_top1", "label_correction_accuracy", "clean_fraction", "noise_precision",
+                 "noise_recall", "noise_auc", "time_refresh", "time_gmm", "time_knn", "neighbour_agreement",
+                 "gmm_mean_clean", "images_per_second"):
+        assert name in tags, name
+    assert len(events.Scalars("train_loss")) == 4
+    assert "clean_probability/truly_noisy" in events.Tags()["histograms"]
+
+
+def test_resume_gives_the_same_weights(full_run, tmp_path, digits_shards):
+    run, _ = full_run
+    launch(tmp_path, "--data", digits_shards, "--run_name", "part", *ARGS[:1], "2", *ARGS[2:])
+    part = tmp_path / "runs" / "part"
+    assert torch.load(part / "last.pt", weights_only=True)["epoch"] == 2
+    launch(tmp_path, "--resume", part, "--epochs", "4")
+    resumed = torch.load(part / "last.pt", weights_only=True)
+    reference = torch.load(run / "last.pt", weights_only=True)
+    assert resumed["epoch"] == 4
+    for key, value in reference["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    assert torch.equal(reference["targets"]["values"], resumed["targets"]["values"])
+    rows = list(csv.DictReader((part / "summary.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]

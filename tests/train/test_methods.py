@@ -1,0 +1,95 @@
+"""Eq. 4, 5, 7, 10, 11, 12 against hand-computed numbers; method batches; soft-target storage."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from train.methods import MixNN, Tables, clean_weights, create_method, group_rows, mix_groups, soft_cross_entropy
+from train.targets import SoftTargets
+
+
+def test_eq10_11_clean_weights():
+    w = clean_weights(torch.tensor([[0.9, 0.3], [0.0, 0.0], [0.2, 0.2]]))
+    assert torch.allclose(w[0], torch.tensor([0.75, 0.25]), atol=1e-6)
+    assert torch.allclose(w[1], torch.tensor([0.5, 0.5]))  # all ~0: equal weights
+    assert torch.allclose(w.sum(1), torch.ones(3))
+
+
+def test_eq4_5_mixing():
+    images = torch.tensor([[[1.0, 2.0], [3.0, 6.0]]])  # one group: sample + 1 neighbour, 2 "pixels"
+    targets = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    x, y = mix_groups(images, targets, torch.tensor([[0.75, 0.25]]))
+    assert torch.allclose(x, torch.tensor([[1.5, 3.0]])) and torch.allclose(y, torch.tensor([[0.75, 0.25]]))
+
+
+def test_eq7_soft_cross_entropy():
+    logits = torch.tensor([[math.log(3.0), 0.0]])  # softmax = (0.75, 0.25)
+    loss = soft_cross_entropy(logits, torch.tensor([[0.5, 0.5]]))
+    assert loss.item() == pytest.approx(-(0.5 * math.log(0.75) + 0.5 * math.log(0.25)), rel=1e-6)
+
+
+@pytest.mark.parametrize("topk", [0, 2])
+def test_eq12_ema_soft_targets(topk):
+    t = SoftTargets(np.array([0, 2]), num_classes=3, topk=topk)
+    assert t.rows([1]).tolist() == [[0, 0, 1]]
+    probs = torch.tensor([[0.0, 1.0, 0.0], [0.1, 0.15, 0.75]])
+    t.assign([0, 1], t.ema_rows([0, 1], probs, 0.9))
+    assert torch.allclose(t.rows([0]), torch.tensor([[0.9, 0.1, 0.0]]), atol=1e-3)
+    expected = torch.tensor([0.01, 0.015, 0.975]) if not topk else torch.tensor([0.0, 0.015, 0.975]) / 0.99
+    assert torch.allclose(t.rows([1])[0], expected, atol=2e-3)
+    for _ in range(30):  # keeps moving toward p: the corrected label flips
+        t.assign([0], t.ema_rows([0], probs[:1], 0.9))
+    assert t.corrected().tolist() == [1, 2]
+    assert t.bytes_per_sample == (6 if not topk else 12)
+
+
+def test_soft_targets_state_round_trip():
+    t = SoftTargets(np.array([1, 0]), 2)
+    u = SoftTargets(np.array([0, 0]), 2)
+    u.load_state_dict(t.state_dict())
+    assert torch.equal(u.values, t.values)
+    with pytest.raises(ValueError, match="targets_topk"):
+        SoftTargets(np.array([0]), 2, topk=1).load_state_dict(t.state_dict())
+
+
+def fake_batch(ids, valid=None):
+    ids = torch.tensor(ids)
+    return {"images": ids.float().view(-1, 1, 1, 1).repeat(1, 1, 2, 2), "ids": ids, "labels": ids,
+            "valid": torch.ones(len(ids), dtype=torch.bool) if valid is None else torch.tensor(valid)}
+
+
+def test_mixnn_batch_uses_neighbour_ids_and_clean_weights():
+    targets = SoftTargets(np.array([0, 1, 2, 3]), 4)
+    tables = Tables(targets, clean=np.array([0.9, 0.3, 0.0, 0.5], np.float32),
+                    partners=np.array([[1], [0], [3], [-1]]))
+    method = MixNN(k=1)
+    anchors = np.array([0, 2, 3])
+    partners = method.partner_ids(anchors, tables, np.arange(4), np.random.default_rng(0))
+    assert partners.tolist() == [[1], [3], [3]]  # no neighbour: itself
+    batch = fake_batch(np.concatenate([anchors, partners[:, 0]]).tolist(), [True, True, True, True, False, True])
+    x, y = method.inputs_targets(batch, tables, torch.Generator())
+    assert len(x) == 2  # the group whose neighbour failed to decode is dropped
+    assert torch.allclose(x[:, 0, 0, 0], torch.tensor([0.75 * 0 + 0.25 * 1, 3.0]))
+    assert torch.allclose(y[0], torch.tensor([0.75, 0.25, 0, 0]))
+
+
+def test_group_rows_layout():
+    images, ids, valid = group_rows(fake_batch([0, 1, 2, 10, 11, 12, 20, 21, 22]), 2)
+    assert ids.tolist() == [[0, 10, 20], [1, 11, 21], [2, 12, 22]] and valid.all()
+
+
+def test_random_weights_and_partners_ablations():
+    tables = Tables(SoftTargets(np.zeros(5, int), 2), clean=np.ones(5, np.float32), partners=np.zeros((5, 2), int))
+    method = MixNN(k=2, weights="random", partners="random")
+    partners = method.partner_ids(np.arange(3), tables, np.array([3, 4]), np.random.default_rng(0))
+    assert set(partners.flatten().tolist()) <= {3, 4}
+    w = method.group_weights(torch.zeros(4, 3, dtype=torch.long), tables, torch.Generator().manual_seed(0))
+    assert torch.allclose(w.sum(1), torch.ones(4)) and w.std() > 0.05
+
+
+def test_create_method_rejects_unknown():
+    class C:
+        method, k, weights, partners, mixup_alpha = "dividemix", 1, "clean", "knn", 1.0
+    with pytest.raises(ValueError, match="expected ce, mixup or mixnn"):
+        create_method(C())
