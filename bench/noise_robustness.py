@@ -26,6 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 def run_one(noise: str, method: str, seed: int, args, extra: list[str]) -> dict:
     """Train one configuration in a subprocess; returns its final.json."""
     name = f"{method}-{noise.replace(':', '')}-s{seed}"
+    done = args.out / name / "final.json"
+    if args.reuse and done.is_file() and json.loads(done.read_text())["epochs"] == args.epochs:
+        return json.loads(done.read_text())["last"]
     method_args = ["--method", method]
     if method.startswith("mixnn-"):  # ablation shorthands
         ablation = method.split("-", 1)[1]
@@ -64,6 +67,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("runs/bench-robustness"))
+    p.add_argument("--reuse", action="store_true", help="keep finished runs of an interrupted benchmark")
     p.add_argument("--workdir", type=Path, default=Path.cwd())
     args, extra = p.parse_known_args()
     args.out = args.out.resolve()

@@ -129,8 +129,9 @@ def evaluate(model, dataset: ShardDataset, accelerator, batch_size: int, workers
     model.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
     ids = np.array_split(np.arange(len(dataset)), world)[rank]
-    rows = []
+    rows, corrupt = [], 0
     for batch in id_loader(dataset, batched(ids, batch_size), workers):
+        corrupt += batch["skipped"]
         if batch["images"] is None:
             continue
         keep = batch["valid"]
@@ -141,15 +142,20 @@ def evaluate(model, dataset: ShardDataset, accelerator, batch_size: int, workers
                               topk_correct(logits, labels, 5)], 1))
     local = np.concatenate(rows) if rows else np.zeros((0, 3), np.int64)
     seen = gather_by_id(local[:, 0], local[:, 1:].astype(np.float32), len(dataset))
-    return summarise_eval(seen, len(dataset), np.concatenate(all_gather_rows(local[:, 0])))
+    corrupt = int(np.concatenate(all_gather_rows(np.array([corrupt]))).sum())
+    return summarise_eval(seen, len(dataset), np.concatenate(all_gather_rows(local[:, 0])), corrupt)
 
 
-def summarise_eval(seen: np.ndarray, size: int, all_ids: np.ndarray) -> dict:
-    """Accuracies over the evaluated ids; raises when a sample was counted twice (padded sampler)."""
+def summarise_eval(seen: np.ndarray, size: int, all_ids: np.ndarray, corrupt: int = 0) -> dict:
+    """Accuracies over the evaluated ids. Raises when a sample was counted twice (a padded sampler) or
+    when evaluated + unreadable samples do not add up to the split size (a dropping sampler)."""
     if len(all_ids) != len(np.unique(all_ids)):
         raise RuntimeError(f"evaluation counted {len(all_ids) - len(np.unique(all_ids))} samples twice "
                            f"({len(all_ids)} rows for {size} samples): a padded sampler duplicated them")
     done = ~np.isnan(seen[:, 0])
+    if done.sum() + corrupt != size:
+        raise RuntimeError(f"evaluated {int(done.sum())} + {corrupt} unreadable samples != split size {size}: "
+                           "the sampler dropped samples")
     return {"top1": float(seen[done, 0].mean() * 100) if done.any() else 0.0,
             "top5": float(seen[done, 1].mean() * 100) if done.any() else 0.0,
             "evaluated": int(done.sum()), "skipped": int(size - done.sum())}

@@ -37,6 +37,7 @@ from .loop import (evaluate, fit_clean, neighbour_table, per_sample_loss, refres
 from .methods import CrossEntropy, Tables, create_method
 from .metrics import label_correction_accuracy, neighbour_agreement, noise_detection
 from .models import create_model
+from .report import write_report
 from .targets import SoftTargets
 
 logger = get_logger(__name__)
@@ -248,10 +249,14 @@ class RunLog:
             writer.writeheader()
             writer.writerows(rows)
 
+    def tensorboard(self):
+        """The SummaryWriter (main process), for figures."""
+        return self.accelerator.get_tracker("tensorboard", unwrap=True)
+
     def histograms(self, epoch: int, tables: Tables, train: ShardDataset) -> None:
         if tables.clean is None:
             return
-        writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+        writer = self.tensorboard()
         writer.add_histogram("clean_probability/all", tables.clean, epoch)
         known = train.true_labels >= 0
         for name, mask in (("truly_clean", known & (train.labels == train.true_labels)),
@@ -268,6 +273,7 @@ def main(argv=None) -> dict:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     run_dir = resolve_run_dir(cfg, accelerator)
     data = load_data(cfg, accelerator)
+    cfg = dataclasses.replace(cfg, data=str(data.root.resolve()))  # the run folder names its data exactly
     torch.manual_seed(cfg.seed)  # same initial weights everywhere; a resumed run restores its RNG below
     num_classes = data.manifest["num_classes"]
     model = create_model(cfg.model, num_classes, data.input_shape[0], pretrained=cfg.pretrained,
@@ -286,22 +292,22 @@ def main(argv=None) -> dict:
     log = RunLog(run_dir, accelerator, cfg)
     method = create_method(cfg)
     select = cfg.select_split or (cfg.eval_splits[0] if cfg.eval_splits else "")
-    metrics = {}
+    metrics, skipped = {}, 0
     for epoch in range(start, cfg.epochs):
         metrics = run_epoch(cfg, epoch, model, optimizer, method, data, tables, accelerator)
         metrics.update(evaluate_splits(cfg, epoch, model, data, accelerator))
         scheduler.step()
-        is_best = f"{select}_top1" in metrics and metrics[f"{select}_top1"] > best["metric"]
-        if is_best:
-            best = {"metric": metrics[f"{select}_top1"], "epoch": epoch, **{k: v for k, v in metrics.items()
-                                                                          if k.endswith(("_top1", "_top5"))}}
+        best, is_best = update_best(best, metrics, select)
+        skipped += metrics["skipped_train"]
         state = checkpoint_state(cfg, epoch, model, optimizer, scheduler, tables, best, accelerator)
         if accelerator.is_main_process:
             save_checkpoint(run_dir, state, epoch, keep=cfg.keep_checkpoints, is_best=is_best)
         log.write(metrics, tables, data.train)
         logger.info(format_epoch(metrics), main_process_only=True)
         accelerator.wait_for_everyone()
-    summary = final_summary(cfg, run_dir, metrics, best, accelerator)
+    summary = final_summary(cfg, run_dir, metrics, best, accelerator, skipped)
+    if accelerator.is_main_process and metrics:
+        write_report(run_dir, data.train, tables, data.manifest["class_names"], log.tensorboard())
     accelerator.end_training()
     return summary
 
@@ -312,15 +318,28 @@ def format_epoch(m: dict) -> str:
     return f"epoch {m['epoch']}: " + " ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
 
 
-def final_summary(cfg: Config, run_dir: Path, metrics: dict, best: dict, accelerator) -> dict:
+def update_best(best: dict, metrics: dict, select: str) -> tuple[dict, bool]:
+    """Model selection on `select`'s top-1 only (never on test unless told); the record keeps every
+    split's accuracy at that epoch, e.g. Clothing1M's test accuracy of the best-val model."""
+    key = f"{select}_top1"
+    if key not in metrics or metrics[key] <= best["metric"]:
+        return best, False
+    return {"metric": metrics[key], "epoch": metrics["epoch"], "split": select,
+            **{k: v for k, v in metrics.items() if k.endswith(("_top1", "_top5"))}}, True
+
+
+def final_summary(cfg: Config, run_dir: Path, metrics: dict, best: dict, accelerator, skipped: int) -> dict:
     """final.json in the run folder and a short table on stdout (main process)."""
     keys = [k for k in metrics if k.endswith(("_top1", "_top5")) or k.startswith(("label_correction", "noise_"))]
-    summary = {"run_dir": str(run_dir), "epochs": cfg.epochs, "last": {k: metrics[k] for k in keys}, "best": best}
+    summary = {"run_dir": str(run_dir), "epochs": cfg.epochs, "world_size": accelerator.num_processes,
+               "last": {k: metrics[k] for k in keys}, "best": best, "skipped_train_samples": skipped}
     if accelerator.is_main_process:
         (run_dir / "final.json").write_text(json.dumps(summary, indent=1) + "\n")
         print(f"\nrun {run_dir} finished ({cfg.method}, {cfg.epochs} epochs)")
         for k in keys:
             print(f"  {k:28s} {metrics[k]:.4f}")
+        if skipped:
+            print(f"  {skipped} unreadable training samples were skipped (see skipped_train in summary.csv)")
         if best["epoch"] >= 0:
             print(f"  best epoch {best['epoch']} by {cfg.select_split or cfg.eval_splits[0]}: {best['metric']:.2f}")
     return summary

@@ -78,3 +78,41 @@ def test_resume_gives_the_same_weights(full_run, tmp_path, digits_shards):
     assert torch.equal(reference["targets"]["values"], resumed["targets"]["values"])
     rows = list(csv.DictReader((part / "summary.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
+
+
+def test_report_rows_match_the_run_tables_and_reproduce_from_checkpoint(full_run, tmp_path):
+    import numpy as np
+
+    run, _ = full_run
+    state = torch.load(run / "last.pt", weights_only=True)
+    rows = list(csv.DictReader((run / "labels.csv").open()))
+    assert len(rows) == 1437
+    values = state["targets"]["values"].float()
+    for row in rows[:50]:
+        i = int(row["sample_id"])
+        assert int(row["corrected_label"]) == int(values[i].argmax())
+        assert float(row["clean_prob"]) == pytest.approx(float(state["clean"][i]), abs=1e-4)
+        assert row["neighbours"] == str(int(state["partners"][i, 0]))
+        assert row["true_label"] != ""
+    summary = (run / "labels_summary.md").read_text()
+    assert "believed wrong" in summary and "precision of 'believed wrong'" in summary
+    original = (run / "labels.csv").read_bytes()
+    (run / "labels.csv").unlink()
+    result = subprocess.run([sys.executable, "-m", "train.report", "--run", str(run)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (run / "labels.csv").read_bytes() == original
+
+
+def test_standalone_evaluate_matches_the_run(full_run, digits_shards, tmp_path):
+    run, _ = full_run
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "launch" / "accelerate" / "cpu2.yaml"), str(REPO / "train" / "evaluate.py"),
+           "--run", str(run), "--checkpoint", "last", "--split", str(digits_shards / "test")]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "ACCELERATE_USE_CPU": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluation = json.loads((run / "eval.json").read_text())["results"][str(digits_shards / "test")]
+    final = json.loads((run / "final.json").read_text())
+    assert evaluation["evaluated"] == 360 and evaluation["top1"] == pytest.approx(final["last"]["test_top1"])
+    assert "| top-1 |" in result.stdout

@@ -1,0 +1,26 @@
+"""A shard damaged after preparation: the run skips and counts the sample, and finishes."""
+import csv
+import shutil
+import subprocess
+import sys
+
+from conftest import REPO
+
+from data.reader import ShardDataset
+
+
+def test_damaged_training_sample_is_skipped_and_counted(tmp_path, digits_shards):
+    data = tmp_path / "data"
+    shutil.copytree(digits_shards, data)
+    ds = ShardDataset(data / "train")
+    with open(data / "train" / "shard-000000.tar", "r+b") as f:
+        for sample_id in (10, 11):
+            f.seek(int(ds.offset[sample_id]))
+            f.write(b"\0" * int(ds.size[sample_id]))
+    cmd = [sys.executable, str(REPO / "train" / "main.py"), "--data", str(data), "--epochs", "2",
+           "--warmup_epochs", "1", "--output", str(tmp_path / "runs"), "--run_name", "r", "--progress", "false"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "runs" / "r" / "summary.csv").open()))
+    assert int(rows[0]["skipped_train"]) == 2  # warm-up: each damaged anchor once
+    assert int(rows[1]["skipped_train"]) >= 2  # MixNN: anchors, plus any group using them as neighbour
