@@ -93,18 +93,23 @@ def zero_loss_step(model, shape, accelerator) -> torch.Tensor:
     return model(torch.zeros(shape, device=accelerator.device)).sum() * 0.0
 
 
-def train_one_epoch(model, optimizer, method, loader, tables: Tables, accelerator, generator,
-                    input_shape, progress: bool = False) -> dict:
-    """One pass over the loader: mixed inputs and targets from the method, soft CE (Eq. 7), SGD step."""
+def train_one_epoch(model, optimizer, method, loader, tables: Tables, accelerator, seed: int,
+                    input_shape, progress: bool = False, stop=None, start_step: int = 0) -> dict:
+    """One pass over the loader: mixed inputs and targets from the method, soft CE (Eq. 7), SGD step.
+
+    With a `stop` flag, every rank checks it after each step; `stopped_at` is then the next step to run.
+    The mixing RNG is seeded per (seed, step), so a run resumed mid-epoch draws what it would have drawn.
+    """
     model.train()
     total, count, skipped, wait, t0 = 0.0, 0, 0, 0.0, time.perf_counter()
-    fetched = time.perf_counter()
-    for batch in tqdm(loader, desc="train", disable=not progress, leave=False):
+    fetched, stopped_at = time.perf_counter(), None
+    for step, batch in enumerate(tqdm(loader, desc="train", disable=not progress, leave=False), start_step):
         wait += time.perf_counter() - fetched
         skipped += batch["skipped"]
         with accelerator.autocast():
             if batch["images"] is not None and batch["valid"].any():
                 batch["images"] = batch["images"].to(accelerator.device, non_blocking=True)
+                generator = torch.Generator().manual_seed(seed * 100_003 + step)
                 inputs, targets = method.inputs_targets(batch, tables, generator)
             else:
                 inputs = torch.zeros(0)
@@ -117,10 +122,13 @@ def train_one_epoch(model, optimizer, method, loader, tables: Tables, accelerato
         optimizer.step()
         total += loss.item() * len(inputs)
         count += len(inputs)
+        if stop is not None and stop.agreed():
+            stopped_at = step + 1
+            break
         fetched = time.perf_counter()
     seconds = time.perf_counter() - t0
     return {"train_loss": total / max(count, 1), "train_images": count, "train_seconds": seconds,
-            "data_wait_seconds": wait, "skipped_train": skipped}
+            "data_wait_seconds": wait, "skipped_train": skipped, "stopped_at": stopped_at}
 
 
 @torch.no_grad()

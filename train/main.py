@@ -37,6 +37,7 @@ from .loop import (evaluate, fit_clean, neighbour_table, per_sample_loss, refres
 from .methods import CrossEntropy, Tables, create_method
 from .metrics import label_correction_accuracy, neighbour_agreement, noise_detection
 from .models import create_model
+from .preempt import StopFlag
 from .report import write_report
 from .targets import SoftTargets
 
@@ -156,23 +157,26 @@ def train_batches(cfg, epoch, plan, method, tables, rank) -> list[np.ndarray]:
     return out
 
 
-def run_epoch(cfg: Config, epoch: int, model, optimizer, method, data: Data, tables: Tables, accelerator) -> dict:
-    """One epoch of Algorithm 1 (warm-up epochs: plain cross-entropy, no refresh)."""
+def run_epoch(cfg: Config, epoch: int, model, optimizer, method, data: Data, tables: Tables, accelerator,
+              stop=None, start_step: int = 0) -> dict:
+    """One epoch of Algorithm 1 (warm-up epochs: plain cross-entropy, no refresh). A run resumed
+    mid-epoch (`start_step > 0`) keeps the tables of its checkpoint and skips the steps already done."""
     rank, world = accelerator.process_index, accelerator.num_processes
     plan = build_epoch_plan(data.train.labels, seed=cfg.seed, epoch=epoch, batch_size=cfg.batch_size,
                             world_size=world, num_batches=cfg.num_batches)
     metrics = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-    if epoch >= cfg.warmup_epochs and method.name == "mixnn":
+    if epoch >= cfg.warmup_epochs and method.name == "mixnn" and start_step == 0:
         metrics.update(refresh_tables(cfg, epoch, model, data, plan, tables, accelerator))
         check_tables_identical(tables)
         metrics["tables_checked_ranks"] = world
-    else:
+    elif epoch < cfg.warmup_epochs or method.name != "mixnn":
         method = CrossEntropy() if epoch < cfg.warmup_epochs else method
     seed = (cfg.seed * 1_000_003 + epoch) * 1009 + rank
-    loader = id_loader(data.train, train_batches(cfg, epoch, plan, method, tables, rank), cfg.workers, seed)
-    generator = torch.Generator().manual_seed(seed)
-    stats = train_one_epoch(model, optimizer, method, loader, tables, accelerator, generator, data.input_shape,
-                            progress=cfg.progress and accelerator.is_local_main_process)
+    batches = train_batches(cfg, epoch, plan, method, tables, rank)[start_step:]
+    loader = id_loader(data.train, batches, cfg.workers, seed + start_step)
+    stats = train_one_epoch(model, optimizer, method, loader, tables, accelerator, seed, data.input_shape,
+                            progress=cfg.progress and accelerator.is_local_main_process, stop=stop,
+                            start_step=start_step)
     totals = np.concatenate(all_gather_rows(np.array([[stats["train_images"], stats["skipped_train"]]])))
     metrics.update(stats, images_per_second=float(totals[:, 0].sum() / max(stats["train_seconds"], 1e-9)),
                    skipped_train=int(totals[:, 1].sum()))
@@ -204,18 +208,20 @@ def evaluate_splits(cfg: Config, epoch: int, model, data: Data, accelerator) -> 
     return out
 
 
-def checkpoint_state(cfg, epoch, model, optimizer, scheduler, tables, best, accelerator) -> dict:
-    """Everything a resumed run needs; every rank's RNG state is gathered into the one file."""
+def checkpoint_state(cfg, epoch, model, optimizer, scheduler, tables, best, accelerator, step=None) -> dict:
+    """Everything a resumed run needs; every rank's RNG state is gathered into the one file.
+    `epoch`/`step` name where to continue: step 0 of the next epoch, or mid-epoch after a preemption."""
     rng = all_gather_rows(torch.get_rng_state().numpy()[None])
     return {"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "targets": tables.targets.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": epoch + 1 if step is None else epoch,
+            "step": step or 0, "targets": tables.targets.state_dict(),
             "clean": None if tables.clean is None else torch.from_numpy(tables.clean),
             "partners": None if tables.partners is None else torch.from_numpy(tables.partners),
             "rng": [torch.from_numpy(r[0]) for r in rng], "best": best, "config": dataclasses.asdict(cfg)}
 
 
-def restore(state: dict, model, optimizer, scheduler, tables: Tables, accelerator) -> tuple[int, dict]:
-    """Load a checkpoint into the live objects; returns (next epoch, best record)."""
+def restore(state: dict, model, optimizer, scheduler, tables: Tables, accelerator) -> tuple[int, int, dict]:
+    """Load a checkpoint into the live objects; returns (epoch, step to continue at, best record)."""
     accelerator.unwrap_model(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -224,7 +230,7 @@ def restore(state: dict, model, optimizer, scheduler, tables: Tables, accelerato
     tables.partners = None if state["partners"] is None else state["partners"].numpy()
     if len(state["rng"]) == accelerator.num_processes:
         torch.set_rng_state(state["rng"][accelerator.process_index])
-    return state["epoch"], state["best"]
+    return state["epoch"], state.get("step", 0), state["best"]
 
 
 class RunLog:
@@ -281,20 +287,25 @@ def main(argv=None) -> dict:
     optimizer, scheduler = create_optimizer(cfg, model)
     model, optimizer = accelerator.prepare(model, optimizer)  # loaders stay ours: ids are split by the plan
     tables = Tables(SoftTargets(data.train.labels, num_classes, cfg.targets_topk))
-    start, best = 0, {"metric": -1.0, "epoch": -1}
+    start, step, best = 0, 0, {"metric": -1.0, "epoch": -1}
     if cfg.resume and find_checkpoint(run_dir).is_file():
-        start, best = restore(load_checkpoint(find_checkpoint(run_dir)), model, optimizer, scheduler, tables,
+        start, step, best = restore(load_checkpoint(find_checkpoint(run_dir)), model, optimizer, scheduler, tables,
                               accelerator)
-        logger.info("resumed %s at epoch %d", run_dir, start)
+        logger.info("resumed %s at epoch %d step %d", run_dir, start, step)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(dataclasses.replace(cfg, resume=""), run_dir / "config.yaml")
     log = RunLog(run_dir, accelerator, cfg)
     method = create_method(cfg)
     select = cfg.select_split or (cfg.eval_splits[0] if cfg.eval_splits else "")
-    metrics, skipped = {}, 0
+    metrics, skipped, stop = {}, 0, StopFlag().install()
     for epoch in range(start, cfg.epochs):
-        metrics = run_epoch(cfg, epoch, model, optimizer, method, data, tables, accelerator)
+        metrics = run_epoch(cfg, epoch, model, optimizer, method, data, tables, accelerator, stop,
+                            step if epoch == start else 0)
+        if metrics["stopped_at"] is not None:
+            preempted(cfg, run_dir, epoch, metrics["stopped_at"], model, optimizer, scheduler, tables, best,
+                      accelerator, stop)
+            return {"preempted": True, "epoch": epoch, "step": metrics["stopped_at"]}
         metrics.update(evaluate_splits(cfg, epoch, model, data, accelerator))
         scheduler.step()
         best, is_best = update_best(best, metrics, select)
@@ -316,6 +327,17 @@ def format_epoch(m: dict) -> str:
     keys = ("train_loss", "lr", "test_top1", "val_top1", "label_correction_accuracy", "noise_precision",
             "noise_recall", "clean_fraction", "train_seconds")
     return f"epoch {m['epoch']}: " + " ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
+
+
+def preempted(cfg, run_dir, epoch, step, model, optimizer, scheduler, tables, best, accelerator, stop) -> None:
+    """Write the mid-epoch checkpoint (`last.pt`) and leave; the batch script requeues the job."""
+    state = checkpoint_state(cfg, epoch, model, optimizer, scheduler, tables, best, accelerator, step=step)
+    if accelerator.is_main_process:
+        save_checkpoint(run_dir, state, epoch, keep=cfg.keep_checkpoints, is_best=False)
+        print(f"preempted by {stop.signal_name or 'a signal on another rank'}: checkpoint at epoch {epoch} "
+              f"step {step} in {run_dir / 'last.pt'}; resume with --resume {run_dir}", flush=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 def update_best(best: dict, metrics: dict, select: str) -> tuple[dict, bool]:
