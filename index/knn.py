@@ -5,8 +5,10 @@ source broadcasts a block of its queries, every rank searches its shard (FAISS: 
 rank's own GPU when present, FAISS CPU otherwise), and the per-shard top-K candidates (distance, id)
 are all-gathered and merged. Self matches are excluded by sample id; ties break by (distance, id).
 
-Peak memory per rank: its shard (n_local x d) + one query block (block x d) + W x block x (K+1)
-candidates + the final table N x K int64. Nothing N x d is ever held on one rank.
+Peak memory per rank: its shard (n_local x d float32, plus the HNSW graph ~ n_local x 2M x 4 bytes or
+the IVF lists ~ n_local x d x 4 bytes in approximate mode) + one query block (block x d) + one
+faiss distance block + W x block x (K+1) candidates + the final table N x K int64. Nothing N x d is
+ever held on one rank.
 """
 from __future__ import annotations
 
@@ -28,27 +30,62 @@ def prepare_embeddings(embeddings: np.ndarray, metric: str) -> np.ndarray:
     return x
 
 
-def search_shard(queries: np.ndarray, shard: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """(distances, positions) [q, k] of the k nearest shard rows; -1 / inf where the shard is too small.
+class ShardSearcher:
+    """Searches one rank's shard. `exact` uses FAISS brute force (`faiss.knn_gpu` on this rank's own GPU
+    when CUDA and faiss-gpu are present - not exercised by CI - FAISS CPU otherwise); `hnsw` and `ivf`
+    build an approximate FAISS index over the shard once and answer every query block from it.
 
     Distances: squared L2, or 1 - cosine similarity; smaller is nearer in both.
     """
-    import faiss
 
-    q, kk = len(queries), min(k, len(shard))
-    dist = np.full((q, k), np.inf, dtype=np.float32)
-    pos = np.full((q, k), -1, dtype=np.int64)
-    if kk == 0 or q == 0:
+    def __init__(self, shard: np.ndarray, metric: str, index: str = "exact", *, hnsw_m: int = 32,
+                 hnsw_ef: int = 64, ivf_nlist: int = 0, ivf_nprobe: int = 8):
+        import faiss
+
+        self.shard = np.ascontiguousarray(shard, dtype=np.float32)
+        self.metric = metric
+        self.faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+        self.kind = index
+        self.index = None
+        n, d = self.shard.shape
+        if index == "hnsw" and n:
+            self.index = faiss.IndexHNSWFlat(d, hnsw_m, self.faiss_metric)
+            self.index.hnsw.efConstruction = max(hnsw_ef, 40)
+            self.index.add(self.shard)
+            self.index.hnsw.efSearch = hnsw_ef
+        elif index == "ivf" and n:
+            nlist = ivf_nlist or max(1, min(n // 39, int(4 * np.sqrt(n))))  # faiss wants >= 39 points a list
+            quantizer = faiss.IndexFlat(d, self.faiss_metric)
+            self.index = faiss.IndexIVFFlat(quantizer, d, nlist, self.faiss_metric)
+            sample = self.shard[np.random.default_rng(0).permutation(n)[: nlist * 64]]
+            self.index.train(sample)
+            self.index.add(self.shard)
+            self.index.nprobe = min(ivf_nprobe, nlist)
+            self._quantizer = quantizer  # keep alive: the IVF index does not own it
+        elif index not in ("exact", "hnsw", "ivf"):
+            raise ValueError(f"knn index must be exact, hnsw or ivf, got {index!r}")
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, positions) [q, k]; -1 / inf where the shard has fewer than k rows."""
+        import faiss
+
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        q, kk = len(queries), min(k, len(self.shard))
+        dist = np.full((q, k), np.inf, dtype=np.float32)
+        pos = np.full((q, k), -1, dtype=np.int64)
+        if kk == 0 or q == 0:
+            return dist, pos
+        if self.index is not None:
+            d, p = self.index.search(queries, kk)
+        elif torch.cuda.is_available() and hasattr(faiss, "knn_gpu"):  # GPU branch: not exercised by CI
+            d, p = faiss.knn_gpu(faiss.StandardGpuResources(), queries, self.shard, kk, metric=self.faiss_metric,
+                                 device=torch.cuda.current_device())
+        else:
+            d, p = faiss.knn(queries, self.shard, kk, metric=self.faiss_metric)
+        found = p >= 0
+        dist[:, :kk] = np.where(found, d if self.metric == "l2" else 1.0 - d, np.inf)
+        pos[:, :kk] = p
         return dist, pos
-    faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
-    if torch.cuda.is_available() and hasattr(faiss, "knn_gpu"):  # GPU branch: not exercised by CI
-        res = faiss.StandardGpuResources()
-        d, p = faiss.knn_gpu(res, queries, shard, kk, metric=faiss_metric, device=torch.cuda.current_device())
-    else:
-        d, p = faiss.knn(queries, shard, kk, metric=faiss_metric)
-    dist[:, :kk] = d if metric == "l2" else 1.0 - d
-    pos[:, :kk] = p
-    return dist, pos
 
 
 def merge_topk(dist: np.ndarray, ids: np.ndarray, query_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -58,24 +95,29 @@ def merge_topk(dist: np.ndarray, ids: np.ndarray, query_ids: np.ndarray, k: int)
     return np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
 
 
-def knn_sharded(embeddings: np.ndarray, ids: np.ndarray, k: int, *, metric: str = "l2",
-                block: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+def knn_sharded(embeddings: np.ndarray, ids: np.ndarray, k: int, *, metric: str = "l2", block: int = 16384,
+                index: str = "exact", queries: np.ndarray | None = None, transfer_dtype=np.float32,
+                **index_options) -> tuple[np.ndarray, np.ndarray]:
     """K nearest other samples of every sample id across all ranks' shards.
 
-    Called by every rank with its own (embeddings [n_r, d], ids [n_r]). Returns (all ids sorted [N],
-    neighbour ids [N, k]) identical on every rank; row i belongs to the i-th smallest sample id.
+    Called by every rank with its own (embeddings [n_r, d], ids [n_r]); `queries` (bool [n_r]) limits
+    which local rows are queried (default all). Query blocks travel as `transfer_dtype` (float16 halves
+    the traffic). Returns (query ids sorted [Q], neighbour ids [Q, k]) identical on every rank.
     """
     rank, size = world()
     shard = prepare_embeddings(embeddings, metric)
     ids = np.asarray(ids, dtype=np.int64)
-    counts = [len(c) for c in all_gather_rows(ids)]
+    searcher = ShardSearcher(shard, metric, index, **index_options)
+    local = np.flatnonzero(queries) if queries is not None else np.arange(len(ids))
+    counts = [len(c) for c in all_gather_rows(local)]
     all_query_ids, all_neighbours = [], []
     for src in range(size):
-        src_ids = broadcast_array(ids if rank == src else None, src)
+        src_ids = broadcast_array(ids[local] if rank == src else None, src)
         for start in range(0, counts[src], block):
             end = min(start + block, counts[src])
-            queries = broadcast_array(shard[start:end] if rank == src else None, src)
-            dist, pos = search_shard(queries, shard, k + 1, metric)  # +1: the query itself may be here
+            mine = shard[local[start:end]].astype(transfer_dtype) if rank == src else None
+            queries_block = broadcast_array(mine, src).astype(np.float32)
+            dist, pos = searcher.search(queries_block, k + 1)  # +1: the query itself may be here
             cand_ids = np.where(pos >= 0, ids[np.maximum(pos, 0)] if len(ids) else -1, -1)
             dist, cand_ids = merge_topk(dist, cand_ids, src_ids[start:end], k)
             gathered_d = np.concatenate(all_gather_rows(dist.T.copy()), axis=0).T  # [q, W*k]
@@ -89,11 +131,37 @@ def knn_sharded(embeddings: np.ndarray, ids: np.ndarray, k: int, *, metric: str 
     return query_ids[order], neighbours[order]
 
 
+def recall_at_k(approximate: np.ndarray, exact: np.ndarray) -> float:
+    """Mean fraction of the exact k neighbours that the approximate search also returned."""
+    hits = [len(set(a[a >= 0]) & set(e[e >= 0])) / max((e >= 0).sum(), 1) for a, e in zip(approximate, exact)]
+    return float(np.mean(hits)) if hits else 1.0
+
+
+def sample_mask(ids: np.ndarray, fraction: float) -> np.ndarray:
+    """A deterministic pseudo-random subset of ids (same choice on every rank, by id)."""
+    hashed = (np.asarray(ids, dtype=np.uint64) * np.uint64(2654435761)) % np.uint64(2**32)
+    return hashed < np.uint64(int(fraction * 2**32))
+
+
+def knn_with_recall(embeddings: np.ndarray, ids: np.ndarray, k: int, *, index: str, recall_queries: int = 1000,
+                    **options) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """Approximate search plus its recall@k against exact search on ~`recall_queries` sampled queries
+    (None for exact search)."""
+    query_ids, table = knn_sharded(embeddings, ids, k, index=index, **options)
+    if index == "exact":
+        return query_ids, table, None
+    fraction = min(1.0, recall_queries / max(len(query_ids), 1))
+    exact_ids, exact = knn_sharded(embeddings, ids, k, index="exact", queries=sample_mask(ids, fraction),
+                                   **{key: v for key, v in options.items() if key in ("metric", "block", "transfer_dtype")})
+    rows = np.searchsorted(query_ids, exact_ids)
+    return query_ids, table, recall_at_k(table[rows], exact)
+
+
 def knn_exact(embeddings: np.ndarray, ids: np.ndarray, k: int, *, metric: str = "l2") -> np.ndarray:
     """Single-process reference: neighbour ids [n, k] of each row (self excluded by id)."""
     x = prepare_embeddings(embeddings, metric)
     ids = np.asarray(ids, dtype=np.int64)
-    dist, pos = search_shard(x, x, k + 1, metric)
+    dist, pos = ShardSearcher(x, metric).search(x, k + 1)
     return merge_topk(dist, np.where(pos >= 0, ids[np.maximum(pos, 0)], -1), ids, k)[1]
 
 

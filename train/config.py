@@ -41,6 +41,13 @@ class Config:
     partners: str = "knn"  # knn | random
     mixup_alpha: float = 1.0
     metric: str = "l2"  # l2 | cosine
+    knn_scope: str = "global"  # global: the whole epoch set (paper) | batch: inside each mini-batch (authors' code)
+    knn_index: str = "exact"  # exact | hnsw | ivf (approximate; recall@k vs exact is logged every epoch)
+    hnsw_m: int = 32
+    hnsw_ef: int = 64
+    ivf_nprobe: int = 8
+    recall_queries: int = 1000  # sampled queries for the recall estimate of an approximate index
+    embed_transfer: str = "float32"  # float16 halves the query blocks sent between ranks
     targets_topk: int = 0  # 0: dense float16 soft targets; >0: keep the top-k classes per sample
     # optimisation
     epochs: int = 60

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from data.reader import ShardDataset, id_loader
 from index.comm import all_gather_rows, broadcast_array, gather_by_id
 from index.gmm import CleanFit, clean_probability
-from index.knn import knn_sharded
+from index.knn import knn_with_recall
 
 from .methods import Tables, soft_cross_entropy
 from .metrics import topk_correct
@@ -72,12 +72,16 @@ def fit_clean(losses: np.ndarray, seed: int, is_main: bool) -> tuple[np.ndarray,
     return broadcast_array(prob, src=0), fit
 
 
-def neighbour_table(stats: RefreshStats, num_samples: int, k: int, metric: str) -> np.ndarray:
-    """[N, k] neighbour ids (-1 for ids outside the epoch) via the sharded exact search."""
-    query_ids, neighbours = knn_sharded(stats.embeddings, stats.ids, k, metric=metric)
-    table = np.full((num_samples, k), -1, dtype=np.int64)
+def neighbour_table(stats: RefreshStats, num_samples: int, cfg) -> tuple[np.ndarray, float | None]:
+    """[N, k] neighbour ids (-1 for ids outside the epoch) via the sharded search, and the recall@k of
+    an approximate index against exact search on sampled queries (None when exact)."""
+    query_ids, neighbours, recall = knn_with_recall(
+        stats.embeddings, stats.ids, cfg.k, index=cfg.knn_index, metric=cfg.metric,
+        recall_queries=cfg.recall_queries, transfer_dtype=np.dtype(cfg.embed_transfer),
+        hnsw_m=cfg.hnsw_m, hnsw_ef=cfg.hnsw_ef, ivf_nprobe=cfg.ivf_nprobe)
+    table = np.full((num_samples, cfg.k), -1, dtype=np.int64)
     table[query_ids] = neighbours
-    return table
+    return table, recall
 
 
 def update_targets(tables: Tables, stats: RefreshStats, momentum: float) -> None:
@@ -110,7 +114,7 @@ def train_one_epoch(model, optimizer, method, loader, tables: Tables, accelerato
             if batch["images"] is not None and batch["valid"].any():
                 batch["images"] = batch["images"].to(accelerator.device, non_blocking=True)
                 generator = torch.Generator().manual_seed(seed * 100_003 + step)
-                inputs, targets = method.inputs_targets(batch, tables, generator)
+                inputs, targets = method.inputs_targets(batch, tables, generator, model=model)
             else:
                 inputs = torch.zeros(0)
             if len(inputs):

@@ -127,11 +127,17 @@ def refresh_tables(cfg: Config, epoch: int, model, data: Data, plan, tables: Tab
     if 0 <= cfg.correction_epoch <= epoch:
         update_targets(tables, stats, cfg.ema)
     t3 = time.perf_counter()
-    tables.partners = neighbour_table(stats, len(data.train), cfg.k, cfg.metric)
+    if cfg.knn_scope == "global":
+        tables.partners, recall = neighbour_table(stats, len(data.train), cfg)
+    else:
+        tables.partners, recall = None, None  # in-batch neighbours are found at each step
     t4 = time.perf_counter()
     out = {"time_refresh": t1 - t0, "time_gmm": t2 - t1, "time_targets": t3 - t2, "time_knn": t4 - t3,
            "clean_fraction": float((clean[plan.unique_ids] > 0.5).mean()),
-           "neighbour_agreement": neighbour_agreement(tables.partners, data.train.labels, plan.unique_ids)}
+           "neighbour_agreement": (neighbour_agreement(tables.partners, data.train.labels, plan.unique_ids)
+                                   if tables.partners is not None else None)}
+    if recall is not None:
+        out[f"knn_recall_at_{cfg.k}"] = recall
     if fit is not None:
         out.update(gmm_mean_clean=fit.means[0], gmm_mean_noisy=fit.means[1], gmm_weight_clean=fit.weights[0])
     return out

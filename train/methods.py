@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from index.knn import knn_in_batch
+
 from .targets import SoftTargets
 
 
@@ -57,7 +59,7 @@ class CrossEntropy:
     def partner_ids(self, anchors: np.ndarray, tables: Tables, epoch_ids: np.ndarray, rng) -> np.ndarray:
         return np.zeros((len(anchors), 0), dtype=np.int64)
 
-    def inputs_targets(self, batch: dict, tables: Tables, generator: torch.Generator):
+    def inputs_targets(self, batch: dict, tables: Tables, generator: torch.Generator, model=None):
         images, ids, valid = group_rows(batch, 0)
         ids = ids[valid, 0]
         return images[valid, 0], tables.targets.rows(ids.cpu()).to(images.device)
@@ -71,7 +73,7 @@ class Mixup(CrossEntropy):
     def __init__(self, alpha: float = 1.0):
         self.alpha = alpha
 
-    def inputs_targets(self, batch, tables, generator):
+    def inputs_targets(self, batch, tables, generator, model=None):
         x, y = super().inputs_targets(batch, tables, generator)
         if len(x) < 2:
             return x, y
@@ -107,12 +109,45 @@ class MixNN(CrossEntropy):
             return draw / draw.sum(1, keepdim=True)
         return clean_weights(torch.from_numpy(tables.clean[ids.numpy()]).float())
 
-    def inputs_targets(self, batch, tables, generator):
+    def inputs_targets(self, batch, tables, generator, model=None):
         images, ids, valid = group_rows(batch, self.num_partners)
         images, ids = images[valid], ids[valid].cpu()
         targets = tables.targets.rows(ids.flatten()).view(*ids.shape, -1)
         weights = self.group_weights(ids, tables, generator).to(images.device)
         return mix_groups(images, targets.to(images.device), weights)
+
+
+class MixNNInBatch(MixNN):
+    """MixNN with neighbours searched inside each mini-batch (the MixNN authors' released code): an extra
+    no-grad forward of the un-mixed batch gives the features, so a step costs two forward passes."""
+
+    name = "mixnn"
+
+    def __init__(self, k: int = 1, weights: str = "clean"):
+        super().__init__(k, weights, "knn")
+        self.k, self.num_partners = k, 0  # partners come from the batch itself, none are read by id
+
+    def inputs_targets(self, batch, tables, generator, model=None):
+        images, ids, valid = group_rows(batch, 0)
+        images, ids = images[valid, 0], ids[valid, 0].cpu()
+        if len(images) < 2:
+            return images, tables.targets.rows(ids).to(images.device)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            features = unwrap(model).forward_head(unwrap(model).forward_features(images), pre_logits=True)
+        model.train(was_training)
+        near = knn_in_batch(features, self.k).cpu()  # [b, k] positions
+        groups = torch.cat([torch.arange(len(ids))[:, None], near], 1)  # [b, 1+k]
+        group_ids = ids[groups]
+        targets = tables.targets.rows(group_ids.flatten()).view(*group_ids.shape, -1)
+        weights = self.group_weights(group_ids, tables, generator).to(images.device)
+        return mix_groups(images[groups.to(images.device)], targets.to(images.device), weights)
+
+
+def unwrap(model):
+    """The module inside a DDP wrapper."""
+    return getattr(model, "module", model)
 
 
 def create_method(cfg) -> CrossEntropy:
@@ -121,6 +156,8 @@ def create_method(cfg) -> CrossEntropy:
         return CrossEntropy()
     if cfg.method == "mixup":
         return Mixup(cfg.mixup_alpha)
+    if cfg.method == "mixnn" and getattr(cfg, "knn_scope", "global") == "batch":
+        return MixNNInBatch(cfg.k, cfg.weights)
     if cfg.method == "mixnn":
         return MixNN(cfg.k, cfg.weights, cfg.partners)
     raise ValueError(f"--method {cfg.method!r}: expected ce, mixup or mixnn")

@@ -55,3 +55,30 @@ def test_duplicates_ties_break_by_id_and_self_excluded(tmp_path):
 def test_in_batch_scope():
     emb = torch.tensor([[0.0], [0.1], [5.0], [5.2]])
     assert knn_in_batch(emb, 1).flatten().tolist() == [1, 0, 3, 2]
+
+
+def clustered(n, d, clusters, seed):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, d)) * 4
+    return (centres[rng.integers(0, clusters, n)] + rng.normal(size=(n, d))).astype(np.float32)
+
+
+def approx_child(rank, x, ids, index):
+    from index.knn import knn_with_recall
+
+    rows = np.array_split(np.arange(len(x)), 2)[rank]
+    return knn_with_recall(x[rows], ids[rows], 1, index=index, recall_queries=400, transfer_dtype=np.float16,
+                           hnsw_m=16, hnsw_ef=64, ivf_nprobe=8)
+
+
+@pytest.mark.parametrize("index,stated", [("hnsw", 0.95), ("ivf", 0.9)])
+def test_approximate_modes_reach_their_stated_recall(tmp_path, index, stated):
+    x = clustered(4000, 32, 40, seed=1)
+    ids = np.arange(4000)
+    results = run_distributed(approx_child, 2, x, ids, index, tmp_path=tmp_path)
+    (q0, t0, r0), (q1, t1, r1) = results
+    assert np.array_equal(t0, t1) and r0 == r1  # identical on both ranks, recall included
+    truth = knn_exact(x, ids, 1)
+    true_recall = float((t0[:, 0] == truth[:, 0]).mean())
+    assert true_recall >= stated and r0 >= stated
+    assert abs(r0 - true_recall) < 0.05  # the sampled estimate tracks the real recall

@@ -93,3 +93,22 @@ def test_create_method_rejects_unknown():
         method, k, weights, partners, mixup_alpha = "dividemix", 1, "clean", "knn", 1.0
     with pytest.raises(ValueError, match="expected ce, mixup or mixnn"):
         create_method(C())
+
+
+def test_in_batch_scope_mixes_with_the_nearest_sample_of_the_batch():
+    from train.methods import MixNNInBatch
+
+    class Identity(torch.nn.Module):  # embeddings = the pixel values themselves
+        def forward_features(self, x):
+            return x
+
+        def forward_head(self, x, pre_logits=False):
+            return x.flatten(1)
+
+    targets = SoftTargets(np.array([0, 1, 2, 3]), 4)
+    tables = Tables(targets, clean=np.array([0.5, 0.5, 0.9, 0.1], np.float32))
+    batch = fake_batch([0, 1, 2, 3])
+    batch["images"] = torch.tensor([0.0, 0.1, 5.0, 5.2]).view(4, 1, 1, 1)
+    x, y = MixNNInBatch(k=1).inputs_targets(batch, tables, torch.Generator(), model=Identity())
+    assert torch.allclose(x.flatten(), torch.tensor([0.05, 0.05, 0.9 * 5.0 + 0.1 * 5.2, 0.1 * 5.2 + 0.9 * 5.0]))
+    assert torch.allclose(y[2], torch.tensor([0, 0, 0.9, 0.1]))
