@@ -60,6 +60,21 @@ def per_sample_loss(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
 
 
+def windowed_losses(history: np.ndarray | None, losses: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Push this refresh's losses into the [W, N] history; return (history, per-sample mean over it).
+
+    Samples absent from a refresh (NaN) are averaged over the refreshes that saw them.
+    """
+    if window <= 1:
+        return None, losses
+    if history is None:
+        history = np.full((window, len(losses)), np.nan, dtype=np.float32)
+    history = np.concatenate([history[1:], losses[None].astype(np.float32)])
+    seen = ~np.isnan(history)
+    mean = np.where(seen.any(0), np.nansum(history, 0) / np.maximum(seen.sum(0), 1), np.nan)
+    return history, mean.astype(np.float32)
+
+
 def fit_clean(losses: np.ndarray, seed: int, is_main: bool) -> tuple[np.ndarray, CleanFit | None]:
     """GMM on rank 0, clean probabilities broadcast (NaN losses: never refreshed -> probability 0)."""
     fit = None

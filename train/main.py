@@ -33,7 +33,7 @@ from index.comm import all_gather_rows, gather_by_id
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, load_config, save_config
 from .loop import (evaluate, fit_clean, neighbour_table, per_sample_loss, refresh, train_one_epoch,
-                   update_targets)
+                   update_targets, windowed_losses)
 from .methods import CrossEntropy, Tables, create_method
 from .metrics import label_correction_accuracy, neighbour_agreement, noise_detection
 from .models import create_model
@@ -121,6 +121,7 @@ def refresh_tables(cfg: Config, epoch: int, model, data: Data, plan, tables: Tab
     t1 = time.perf_counter()
     labels = (tables.targets.corrected() if cfg.gmm_loss == "corrected" else data.train.labels)[stats.ids]
     losses = gather_by_id(stats.ids, per_sample_loss(stats.probs, labels).astype(np.float32), len(data.train))
+    tables.loss_history, losses = windowed_losses(tables.loss_history, losses, cfg.gmm_loss_window)
     clean, fit = fit_clean(losses, cfg.seed + epoch, accelerator.is_main_process)
     tables.clean = clean
     t2 = time.perf_counter()
@@ -223,6 +224,7 @@ def checkpoint_state(cfg, epoch, model, optimizer, scheduler, tables, best, acce
             "step": step or 0, "targets": tables.targets.state_dict(),
             "clean": None if tables.clean is None else torch.from_numpy(tables.clean),
             "partners": None if tables.partners is None else torch.from_numpy(tables.partners),
+            "loss_history": None if tables.loss_history is None else torch.from_numpy(tables.loss_history),
             "rng": [torch.from_numpy(r[0]) for r in rng], "best": best, "config": dataclasses.asdict(cfg)}
 
 
@@ -234,6 +236,8 @@ def restore(state: dict, model, optimizer, scheduler, tables: Tables, accelerato
     tables.targets.load_state_dict(state["targets"])
     tables.clean = None if state["clean"] is None else state["clean"].numpy()
     tables.partners = None if state["partners"] is None else state["partners"].numpy()
+    history = state.get("loss_history")
+    tables.loss_history = None if history is None else history.numpy()
     if len(state["rng"]) == accelerator.num_processes:
         torch.set_rng_state(state["rng"][accelerator.process_index])
     return state["epoch"], state.get("step", 0), state["best"]

@@ -23,6 +23,7 @@ class Tables:
     targets: SoftTargets
     clean: np.ndarray | None = None  # [N] float32, P(clean | loss) from the last GMM
     partners: np.ndarray | None = None  # [N, K] int64 neighbour ids, -1 where none
+    loss_history: np.ndarray | None = None  # [W, N] float32 per-sample losses of the last W refreshes
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -112,3 +112,15 @@ def test_in_batch_scope_mixes_with_the_nearest_sample_of_the_batch():
     x, y = MixNNInBatch(k=1).inputs_targets(batch, tables, torch.Generator(), model=Identity())
     assert torch.allclose(x.flatten(), torch.tensor([0.05, 0.05, 0.9 * 5.0 + 0.1 * 5.2, 0.1 * 5.2 + 0.9 * 5.0]))
     assert torch.allclose(y[2], torch.tensor([0, 0, 0.9, 0.1]))
+
+
+def test_gmm_loss_window_averages_the_last_refreshes():
+    from train.loop import windowed_losses
+
+    history, mean = windowed_losses(None, np.array([1.0, np.nan, 3.0]), 2)
+    assert np.allclose(mean[[0, 2]], [1.0, 3.0]) and np.isnan(mean[1])
+    history, mean = windowed_losses(history, np.array([3.0, 2.0, np.nan]), 2)
+    assert np.allclose(mean, [2.0, 2.0, 3.0])
+    history, mean = windowed_losses(history, np.array([5.0, 4.0, 1.0]), 2)  # the oldest drops out
+    assert np.allclose(mean, [4.0, 3.0, 1.0])
+    assert windowed_losses(None, np.array([7.0]), 1) == (None, np.array([7.0]))
