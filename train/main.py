@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import json
 import logging
+import resource
 import sys
 import time
 import zlib
@@ -184,9 +185,10 @@ def run_epoch(cfg: Config, epoch: int, model, optimizer, method, data: Data, tab
     stats = train_one_epoch(model, optimizer, method, loader, tables, accelerator, seed, data.input_shape,
                             progress=cfg.progress and accelerator.is_local_main_process, stop=stop,
                             start_step=start_step)
-    totals = np.concatenate(all_gather_rows(np.array([[stats["train_images"], stats["skipped_train"]]])))
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    totals = np.concatenate(all_gather_rows(np.array([[stats["train_images"], stats["skipped_train"], peak_mb]])))
     metrics.update(stats, images_per_second=float(totals[:, 0].sum() / max(stats["train_seconds"], 1e-9)),
-                   skipped_train=int(totals[:, 1].sum()))
+                   skipped_train=int(totals[:, 1].sum()), peak_rss_mb_per_rank=int(totals[:, 2].max()))
     metrics.update(table_metrics(data.train, tables, plan.unique_ids))
     return metrics
 
