@@ -37,7 +37,7 @@ class Config:
     correction_epoch: int = 10  # E_s: soft targets move by EMA from this epoch on (-1: never)
     ema: float = 0.9
     gmm_loss: str = "given"  # loss the GMM sees: against the given label or the corrected argmax(t)
-    gmm_loss_window: int = 1  # fit the GMM on each sample's loss averaged over the last W refreshes
+    gmm_loss_window: int = 5  # fit the GMM on each sample's loss averaged over the last W refreshes
     weights: str = "clean"  # clean (Eq. 10/11) | avg | random
     partners: str = "knn"  # knn | random
     mixup_alpha: float = 1.0
