@@ -35,7 +35,8 @@ def run_one(noise: str, method: str, seed: int, args, extra: list[str]) -> dict:
         method_args = ["--method", "mixnn", *{
             "avg": ["--weights", "avg"], "random": ["--weights", "random"],
             "nocorr": ["--correction_epoch", "-1"], "randpartner": ["--partners", "random"],
-            "corrloss": ["--gmm_loss", "corrected"], "window5": ["--gmm_loss_window", "5"],
+            "corrloss": ["--gmm_loss", "corrected", "--gmm_loss_window", "1"], "window5": ["--gmm_loss_window", "5"],
+            "window1": ["--gmm_loss_window", "1"],
             "batch": ["--knn_scope", "batch"]}[ablation]]
     cmd = [sys.executable, str(REPO / "train" / "main.py"), "--noise", noise, "--noise_seed", str(seed),
            "--seed", str(seed), "--epochs", str(args.epochs), "--output", str(args.out), "--run_name", name,
