@@ -83,11 +83,13 @@ def class_balanced_subset(labels: np.ndarray, size: int, seed: int, epoch: int) 
 
 
 def build_epoch_plan(labels: np.ndarray, *, seed: int, epoch: int, batch_size: int, world_size: int,
-                     num_batches: int = 0) -> EpochPlan:
-    """Full shuffled pass (`num_batches=0`) or a class-balanced subset of `num_batches` global batches."""
+                     num_batches: int = 0, subset: np.ndarray | None = None) -> EpochPlan:
+    """Full shuffled pass (`num_batches=0`) or a class-balanced subset of `num_batches` global batches,
+    over all sample ids or only over `subset` (e.g. the training folds of a cross-validation)."""
     check_batch_size(batch_size, world_size)
+    labels = np.asarray(labels) if subset is None else np.asarray(labels)[subset]
     if num_batches > 0:
-        ids = class_balanced_subset(np.asarray(labels), num_batches * batch_size, seed, epoch)
+        ids = class_balanced_subset(labels, num_batches * batch_size, seed, epoch)
     else:
         ids = pad_to_batches(full_pass(len(labels), seed, epoch), batch_size)
-    return EpochPlan(ids, batch_size, world_size)
+    return EpochPlan(ids if subset is None else np.asarray(subset, dtype=np.int64)[ids], batch_size, world_size)

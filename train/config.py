@@ -31,7 +31,7 @@ class Config:
     pretrained: str = ""  # local weights file; nothing is ever downloaded
     drop_rate: float = 0.0
     # method
-    method: str = "mixnn"  # ce | mixup | mixnn
+    method: str = "mixnn"  # ce | mixup | mixnn | selectmix
     k: int = 1  # neighbours per sample
     warmup_epochs: int = 5
     correction_epoch: int = 10  # E_s: soft targets move by EMA from this epoch on (-1: never)
@@ -49,6 +49,11 @@ class Config:
     ivf_nprobe: int = 8
     recall_queries: int = 1000  # sampled queries for the recall estimate of an approximate index
     embed_transfer: str = "float32"  # float16 halves the query blocks sent between ranks
+    cv_folds: int = 5  # SelectMix: K-fold cross-validation for the out-of-sample probabilities
+    cv_epochs: int = 15  # SelectMix: epochs of each fold's model
+    selectmix_rule: str = "mismatch"  # mismatch | cleanlab (find_label_issues on the same probabilities)
+    selectmix_threshold: float = 0.5  # uncertain when p(given label) is below this (or prediction differs)
+    selectmix_confident: float = 0.8  # confident partner: prediction = given label with p >= this
     targets_topk: int = 0  # 0: dense float16 soft targets; >0: keep the top-k classes per sample
     # optimisation
     epochs: int = 60

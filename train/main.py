@@ -40,6 +40,7 @@ from .metrics import label_correction_accuracy, neighbour_agreement, noise_detec
 from .models import create_model
 from .preempt import StopFlag
 from .report import write_report
+from .selectmix import SelectMix, fold_file, load_folds, save_fold, stratified_folds, uncertainty_metrics
 from .targets import SoftTargets
 
 logger = get_logger(__name__)
@@ -166,12 +167,12 @@ def train_batches(cfg, epoch, plan, method, tables, rank) -> list[np.ndarray]:
 
 
 def run_epoch(cfg: Config, epoch: int, model, optimizer, method, data: Data, tables: Tables, accelerator,
-              stop=None, start_step: int = 0) -> dict:
+              stop=None, start_step: int = 0, subset=None) -> dict:
     """One epoch of Algorithm 1 (warm-up epochs: plain cross-entropy, no refresh). A run resumed
     mid-epoch (`start_step > 0`) keeps the tables of its checkpoint and skips the steps already done."""
     rank, world = accelerator.process_index, accelerator.num_processes
     plan = build_epoch_plan(data.train.labels, seed=cfg.seed, epoch=epoch, batch_size=cfg.batch_size,
-                            world_size=world, num_batches=cfg.num_batches)
+                            world_size=world, num_batches=cfg.num_batches, subset=subset)
     metrics = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
     if epoch >= cfg.warmup_epochs and method.name == "mixnn" and start_step == 0:
         metrics.update(refresh_tables(cfg, epoch, model, data, plan, tables, accelerator))
@@ -190,7 +191,49 @@ def run_epoch(cfg: Config, epoch: int, model, optimizer, method, data: Data, tab
     metrics.update(stats, images_per_second=float(totals[:, 0].sum() / max(stats["train_seconds"], 1e-9)),
                    skipped_train=int(totals[:, 1].sum()), peak_rss_mb_per_rank=int(totals[:, 2].max()))
     metrics.update(table_metrics(data.train, tables, plan.unique_ids))
+    if isinstance(method, SelectMix):
+        metrics.update(uncertainty_metrics(method, data.train.true_labels))
     return metrics
+
+
+def selectmix_stage(cfg: Config, data: Data, accelerator, run_dir: Path, num_classes: int) -> np.ndarray:
+    """SelectMix stage 1: out-of-sample softmax [N, C] from K fold models (finished folds are kept)."""
+    labels, n = data.train.labels, len(data.train)
+    folds = stratified_folds(labels, cfg.cv_folds, cfg.seed)
+    fold_cfg = dataclasses.replace(cfg, warmup_epochs=cfg.cv_epochs, restart_period=cfg.cv_epochs)
+    for fold in range(cfg.cv_folds):
+        if fold_file(run_dir, fold).is_file():
+            continue
+        torch.manual_seed(cfg.seed * 1000 + fold)
+        model = create_model(cfg.model, num_classes, data.input_shape[0], pretrained=cfg.pretrained,
+                             drop_rate=cfg.drop_rate)
+        optimizer, scheduler = create_optimizer(fold_cfg, model)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        tables = Tables(SoftTargets(labels, num_classes))
+        for epoch in range(cfg.cv_epochs):
+            run_epoch(fold_cfg, epoch, model, optimizer, CrossEntropy(), data, tables, accelerator,
+                      subset=np.flatnonzero(folds != fold))
+            scheduler.step()
+        held = np.flatnonzero(folds == fold)
+        stats = refresh(accelerator.unwrap_model(model), data.train_plain,
+                        np.array_split(held, accelerator.num_processes)[accelerator.process_index], accelerator,
+                        max(cfg.batch_size // accelerator.num_processes, 1) * 2, cfg.workers)
+        probs = gather_by_id(stats.ids, stats.probs, n)
+        if accelerator.is_main_process:
+            save_fold(run_dir, fold, held, probs[held])
+        logger.info("SelectMix fold %d/%d: out-of-sample accuracy vs given labels %.3f", fold + 1, cfg.cv_folds,
+                    float((probs[held].argmax(1) == labels[held]).mean()), main_process_only=True)
+        accelerator.wait_for_everyone()
+    return load_folds(run_dir, cfg.cv_folds, n, num_classes)
+
+
+def create_run_method(cfg: Config, data: Data, accelerator, run_dir: Path, num_classes: int):
+    """The method object; SelectMix first runs (or reloads) its cross-validation stage."""
+    if cfg.method != "selectmix":
+        return create_method(cfg)
+    oos = selectmix_stage(cfg, data, accelerator, run_dir, num_classes)
+    return SelectMix(oos, data.train.labels, threshold=cfg.selectmix_threshold, confident=cfg.selectmix_confident,
+                     alpha=cfg.mixup_alpha, rule=cfg.selectmix_rule)
 
 
 def table_metrics(train: ShardDataset, tables: Tables, ids: np.ndarray) -> dict:
@@ -308,7 +351,7 @@ def main(argv=None) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(dataclasses.replace(cfg, resume=""), run_dir / "config.yaml")
     log = RunLog(run_dir, accelerator, cfg)
-    method = create_method(cfg)
+    method = create_run_method(cfg, data, accelerator, run_dir, num_classes)
     select = cfg.select_split or (cfg.eval_splits[0] if cfg.eval_splits else "")
     metrics, skipped, stop = {}, 0, StopFlag().install()
     for epoch in range(start, cfg.epochs):

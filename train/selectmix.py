@@ -1,0 +1,127 @@
+"""SelectMix: cross-validated confidence mismatch picks the uncertain samples; only they are mixed,
+each with a confident sample of its likely class, under soft labels.
+
+Stage 1 (`cross_validated_probs`): split the training ids into K stratified folds, train one model per
+fold on the other K-1 folds (the same epoch machinery), predict the held-out fold -> out-of-sample
+softmax for every sample. Each finished fold is saved (`RUN/selectmix/fold-k.npz`) and not retrained
+after a crash. Stage 2 (`SelectMix`, a method object): uncertain samples are mixed with a confident
+partner of their predicted class, lambda ~ Beta(alpha, alpha); target = lambda * (out-of-sample soft
+label) + (1 - lambda) * one-hot(partner's label); confident samples train un-mixed on their label.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .methods import CrossEntropy, Tables, group_rows
+
+
+def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """[N] fold index of every sample id: each class dealt round-robin over the folds after a shuffle."""
+    rng = np.random.default_rng([seed, 7])
+    folds = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        folds[members] = (np.arange(len(members)) + rng.integers(k)) % k
+    return folds
+
+
+def split_uncertain(oos: np.ndarray, labels: np.ndarray, *, threshold: float, confident: float,
+                    rule: str = "mismatch") -> tuple[np.ndarray, np.ndarray]:
+    """(uncertain [N] bool, confident [N] bool) from out-of-sample probabilities [N, C].
+
+    mismatch: uncertain when the prediction disagrees with the given label or p(given) < threshold;
+    cleanlab: uncertain = cleanlab.filter.find_label_issues on the same probabilities.
+    Confident: prediction = given label with p(given) >= `confident`.
+    """
+    pred = oos.argmax(1)
+    p_given = oos[np.arange(len(labels)), labels]
+    if rule == "cleanlab":
+        from cleanlab.filter import find_label_issues
+
+        uncertain = find_label_issues(labels, oos)
+    elif rule == "mismatch":
+        uncertain = (pred != labels) | (p_given < threshold)
+    else:
+        raise ValueError(f"selectmix_rule must be mismatch or cleanlab, got {rule!r}")
+    return uncertain, (pred == labels) & (p_given >= confident) & ~uncertain
+
+
+class SelectMix(CrossEntropy):
+    """Mix only the uncertain samples, each with a confident sample of its predicted class."""
+
+    name, num_partners = "selectmix", 1
+
+    def __init__(self, oos: np.ndarray, labels: np.ndarray, *, threshold: float = 0.5, confident: float = 0.8,
+                 alpha: float = 1.0, rule: str = "mismatch"):
+        self.oos = oos.astype(np.float32)  # [N, C] out-of-sample softmax
+        self.labels = labels
+        self.uncertain, self.confident = split_uncertain(oos, labels, threshold=threshold, confident=confident,
+                                                         rule=rule)
+        self.alpha = alpha
+        pred = oos.argmax(1)
+        self.pools = {c: np.flatnonzero(self.confident & (labels == c)) for c in np.unique(labels)}
+        self.likely = pred
+
+    def partner_ids(self, anchors, tables, epoch_ids, rng):
+        """An uncertain anchor gets a random confident sample of its predicted class; others themselves."""
+        partners = anchors.copy()
+        for i, a in enumerate(anchors):
+            pool = self.pools.get(int(self.likely[a]), ())
+            if self.uncertain[a] and len(pool):
+                partners[i] = pool[rng.integers(len(pool))]
+        return partners[:, None]
+
+    def inputs_targets(self, batch, tables: Tables, generator, model=None):
+        images, ids, valid = group_rows(batch, 1)
+        images, ids = images[valid], ids[valid].cpu()
+        anchors, partners = ids[:, 0], ids[:, 1]
+        mixed = torch.from_numpy(self.uncertain[anchors.numpy()]) & (anchors != partners)
+        lam = torch.distributions.Beta(self.alpha, self.alpha).sample((len(ids),)) if self.alpha > 0 \
+            else torch.full((len(ids),), 0.5)
+        lam = torch.where(mixed, torch.maximum(lam, 1 - lam), torch.ones_like(lam))  # the anchor dominates
+        num_classes = self.oos.shape[1]
+        own = torch.where(mixed[:, None], torch.from_numpy(self.oos[anchors.numpy()]),
+                          tables.targets.rows(anchors))
+        partner = torch.nn.functional.one_hot(torch.from_numpy(self.labels[partners.numpy()]), num_classes).float()
+        targets = lam[:, None] * own + (1 - lam[:, None]) * partner
+        lam_x = lam.to(images.device).view(-1, *([1] * (images.dim() - 2)))
+        return lam_x * images[:, 0] + (1 - lam_x) * images[:, 1], targets.to(images.device)
+
+
+def fold_file(run_dir: Path, fold: int) -> Path:
+    return run_dir / "selectmix" / f"fold-{fold}.npz"
+
+
+def load_folds(run_dir: Path, k: int, num_samples: int, num_classes: int) -> np.ndarray | None:
+    """The combined out-of-sample probabilities once every fold file exists, else None."""
+    files = [fold_file(run_dir, f) for f in range(k)]
+    if not all(f.is_file() for f in files):
+        return None
+    oos = np.full((num_samples, num_classes), np.nan, dtype=np.float32)
+    for f in files:
+        with np.load(f, allow_pickle=False) as z:
+            oos[z["ids"]] = z["probs"]
+    return oos
+
+
+def save_fold(run_dir: Path, fold: int, ids: np.ndarray, probs: np.ndarray) -> None:
+    path = fold_file(run_dir, fold)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, ids=ids, probs=probs)
+    tmp.replace(path)
+
+
+def uncertainty_metrics(method: SelectMix, true_labels: np.ndarray) -> dict:
+    """Uncertain fraction, and precision/recall of the uncertain set against the truly mislabelled set."""
+    out = {"uncertain_fraction": float(method.uncertain.mean()), "confident_fraction": float(method.confident.mean())}
+    known = true_labels >= 0
+    if known.any():
+        wrong = (method.labels != true_labels) & known
+        hits = (wrong & method.uncertain).sum()
+        out["uncertain_precision"] = float(hits / max((method.uncertain & known).sum(), 1))
+        out["uncertain_recall"] = float(hits / max(wrong.sum(), 1))
+    return out
