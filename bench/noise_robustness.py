@@ -23,8 +23,29 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
+def cleanlab_mlp(noise: str, seed: int, workdir: Path) -> dict:
+    """External reference: cleanlab's CleanLearning around a scikit-learn MLP on the same split and noise."""
+    from cleanlab.classification import CleanLearning
+    from sklearn.neural_network import MLPClassifier
+
+    sys.path.insert(0, str(REPO))
+    from data.reader import ShardDataset
+
+    root = workdir / "shards" / f"digits-{noise.replace(':', '')}-s{seed}"
+    arrays = {}
+    for split in ("train", "test"):
+        ds = ShardDataset(root / split, mode="L")
+        arrays[split] = (np.stack([np.asarray(ds.load_image(i), np.float32).ravel() / 255 for i in range(len(ds))]),
+                         ds.labels)
+    model = CleanLearning(MLPClassifier(hidden_layer_sizes=(128,), max_iter=500, random_state=seed), seed=seed)
+    model.fit(*arrays["train"])
+    return {"test_top1": 100 * float((model.predict(arrays["test"][0]) == arrays["test"][1]).mean())}
+
+
 def run_one(noise: str, method: str, seed: int, args, extra: list[str]) -> dict:
     """Train one configuration in a subprocess; returns its final.json."""
+    if method == "cleanlab-mlp":
+        return cleanlab_mlp(noise, seed, args.workdir)
     name = f"{method}-{noise.replace(':', '')}-s{seed}"
     done = args.out / name / "final.json"
     if args.reuse and done.is_file() and json.loads(done.read_text())["epochs"] == args.epochs:
