@@ -1,6 +1,7 @@
 """The epoch: refresh pass, tables (GMM, kNN, soft targets), training pass, evaluation."""
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
@@ -27,6 +28,11 @@ class RefreshStats:
     embeddings: np.ndarray  # [n_local, d] float32
 
 
+def progress_bar(iterable, desc: str, enabled: bool):
+    """tqdm on the main process only (the caller decides), and only when stderr is a terminal."""
+    return tqdm(iterable, desc=desc, disable=not enabled or not sys.stderr.isatty(), leave=False)
+
+
 def batched(ids: np.ndarray, size: int) -> list[np.ndarray]:
     """Consecutive chunks of at most `size` ids."""
     return [ids[i:i + size] for i in range(0, len(ids), size)]
@@ -39,7 +45,7 @@ def refresh(model, dataset: ShardDataset, ids: np.ndarray, accelerator, batch_si
     model.eval()
     out_ids, probs, embeddings = [], [], []
     loader = id_loader(dataset, batched(ids, batch_size), workers)
-    for batch in tqdm(loader, desc="refresh", disable=not progress, leave=False):
+    for batch in progress_bar(loader, "refresh", progress):
         if batch["images"] is None:
             continue
         keep = batch["valid"]
@@ -122,7 +128,7 @@ def train_one_epoch(model, optimizer, method, loader, tables: Tables, accelerato
     model.train()
     total, count, skipped, wait, t0 = 0.0, 0, 0, 0.0, time.perf_counter()
     fetched, stopped_at = time.perf_counter(), None
-    for step, batch in enumerate(tqdm(loader, desc="train", disable=not progress, leave=False), start_step):
+    for step, batch in enumerate(progress_bar(loader, "train", progress), start_step):
         wait += time.perf_counter() - fetched
         skipped += batch["skipped"]
         with accelerator.autocast():
