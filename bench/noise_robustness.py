@@ -1,7 +1,12 @@
 """CE vs MixNN (and other methods) on the built-in digits set under label noise, several seeds.
 
     python bench/noise_robustness.py [--noises symmetric:0.4,symmetric:0.8,pairflip:0.4]
-        [--methods ce,mixnn] [--seeds 0,1,2] [--parallel 2] [--epochs 60] [-- extra --key value ...]
+        [--methods ce,mixnn,selectmix,cleanlab-mlp,mixnn-avg,...] [--seeds 0,1,2] [--parallel 2]
+        [--epochs 60] [--dataset digits|cifar10|cifar100] [--reuse] [extra --key value ...]
+
+Method names: ce, mixup, mixnn, selectmix, cleanlab-mlp (cleanlab's CleanLearning + scikit-learn MLP,
+digits only), and MixNN ablations mixnn-avg, mixnn-random (weights), mixnn-nocorr (no label
+correction), mixnn-randpartner, mixnn-batch (in-batch neighbours), mixnn-window1, mixnn-corrloss.
 
 Prints a markdown table: test accuracy (mean +- std over seeds, last epoch) and label-correction
 accuracy (argmax of the soft targets = true label, over the training set).
@@ -59,7 +64,11 @@ def run_one(noise: str, method: str, seed: int, args, extra: list[str]) -> dict:
             "corrloss": ["--gmm_loss", "corrected", "--gmm_loss_window", "1"], "window5": ["--gmm_loss_window", "5"],
             "window1": ["--gmm_loss_window", "1"],
             "batch": ["--knn_scope", "batch"]}[ablation]]
-    cmd = [sys.executable, str(REPO / "train" / "main.py"), "--noise", noise, "--noise_seed", str(seed),
+    data = ["--noise", noise, "--noise_seed", str(seed)]
+    if args.dataset != "digits":  # shards the user prepared: SHARDS/<dataset>-<noise>-s<seed>
+        data = ["--config", str(REPO / "launch" / "configs" / f"{args.dataset}.yaml"),
+                "--data", str(dataset_dir(args, noise, seed))]
+    cmd = [sys.executable, str(REPO / "train" / "main.py"), *data,
            "--seed", str(seed), "--epochs", str(args.epochs), "--output", str(args.out), "--run_name", name,
            "--progress", "false", "--eval_every", str(args.epochs), *method_args, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -67,6 +76,15 @@ def run_one(noise: str, method: str, seed: int, args, extra: list[str]) -> dict:
     if result.returncode:
         raise RuntimeError(f"{name} failed:\n{result.stderr[-3000:]}")
     return json.loads((args.out / name / "final.json").read_text())["last"]
+
+
+def dataset_dir(args, noise: str, seed: int) -> Path:
+    """Where a run's shards live: digits are made here, other data sets must be prepared beforehand."""
+    root = args.workdir / "shards" / f"{args.dataset}-{noise.replace(':', '')}-s{seed}"
+    if args.dataset != "digits" and not (root / "dataset.json").is_file():
+        raise SystemExit(f"{root} missing: python -m data.prepare {args.dataset} --root RAW --out {root} "
+                         f"--noise {noise} --seed {seed}")
+    return root
 
 
 def prepare_digits(noise: str, seed: int, workdir: Path) -> None:
@@ -90,6 +108,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("runs/bench-robustness"))
+    p.add_argument("--dataset", default="digits", help="digits, or cifar10/cifar100 (with a GPU and the "
+                   "data prepared as shards/<dataset>-<noise>-s<seed>; uses launch/configs/<dataset>.yaml)")
     p.add_argument("--reuse", action="store_true", help="keep finished runs of an interrupted benchmark")
     p.add_argument("--workdir", type=Path, default=Path.cwd())
     args, extra = p.parse_known_args()
@@ -100,7 +120,7 @@ def main() -> None:
     t0 = time.time()
     # prepare each noisy data set once, serially, before the parallel runs race to create it
     for noise, seed in itertools.product(noises, seeds):
-        prepare_digits(noise, seed, args.workdir)
+        prepare_digits(noise, seed, args.workdir) if args.dataset == "digits" else dataset_dir(args, noise, seed)
     with ThreadPoolExecutor(args.parallel) as pool:
         results = dict(zip(grid, pool.map(lambda g: run_one(*g, args, extra), grid)))
     print(f"\n{len(grid)} runs, {args.epochs} epochs each, {time.time() - t0:.0f} s wall with {args.parallel} in parallel\n")
