@@ -6,7 +6,8 @@ fold on the other K-1 folds (the same epoch machinery), predict the held-out fol
 softmax for every sample. Each finished fold is saved (`RUN/selectmix/fold-k.npz`) and not retrained
 after a crash. Stage 2 (`SelectMix`, a method object): uncertain samples are mixed with a confident
 partner of their predicted class, lambda ~ Beta(alpha, alpha); target = lambda * (out-of-sample soft
-label) + (1 - lambda) * one-hot(partner's label); confident samples train un-mixed on their label.
+label) + (1 - lambda) * one-hot(partner's label); an uncertain sample without a partner trains on its
+out-of-sample soft label alone; the others train un-mixed on their label.
 """
 from __future__ import annotations
 
@@ -62,7 +63,11 @@ class SelectMix(CrossEntropy):
                                                          rule=rule)
         self.alpha = alpha
         pred = oos.argmax(1)
+        agree = (pred == labels) & ~self.uncertain
+        # partners: the confident samples of a class; where a class has none (heavy noise), the samples
+        # whose prediction agrees with their label
         self.pools = {c: np.flatnonzero(self.confident & (labels == c)) for c in np.unique(labels)}
+        self.pools = {c: pool if len(pool) else np.flatnonzero(agree & (labels == c)) for c, pool in self.pools.items()}
         self.likely = pred
 
     def partner_ids(self, anchors, tables, epoch_ids, rng):
@@ -83,7 +88,9 @@ class SelectMix(CrossEntropy):
             else torch.full((len(ids),), 0.5)
         lam = torch.where(mixed, torch.maximum(lam, 1 - lam), torch.ones_like(lam))  # the anchor dominates
         num_classes = self.oos.shape[1]
-        own = torch.where(mixed[:, None], torch.from_numpy(self.oos[anchors.numpy()]),
+        uncertain = torch.from_numpy(self.uncertain[anchors.numpy()])
+        # an uncertain sample never trains on its given label: its own part is the out-of-sample soft label
+        own = torch.where(uncertain[:, None], torch.from_numpy(self.oos[anchors.numpy()]),
                           tables.targets.rows(anchors))
         partner = torch.nn.functional.one_hot(torch.from_numpy(self.labels[partners.numpy()]), num_classes).float()
         targets = lam[:, None] * own + (1 - lam[:, None]) * partner
