@@ -65,7 +65,7 @@ def main(argv=None) -> int:
                               mixed_precision="bf16" if torch.cuda.is_available() else "no")
     results = evaluate_checkpoint(args.run, args.checkpoint, args.split, accelerator, args.batch_size, args.workers)
     if accelerator.is_main_process:
-        print(f"| split | top-1 | top-5 | evaluated | skipped |\n|---|---|---|---|---|")
+        print("| split | top-1 | top-5 | evaluated | skipped |\n|---|---|---|---|---|")
         for split, r in results.items():
             print(f"| {split} | {r['top1']:.2f} | {r['top5']:.2f} | {r['evaluated']} | {r['skipped']} |")
         (args.run / "eval.json").write_text(json.dumps({"checkpoint": args.checkpoint, "results": results},

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -53,7 +52,7 @@ def write_labels_csv(path: Path, cols: dict, partners: np.ndarray | None) -> Non
 def summary_markdown(cols: dict, class_names: list[str]) -> str:
     """How many labels look wrong, per class, top confusions, and precision/recall when truth is known."""
     given, corrected, wrong = cols["given_label"], cols["corrected_label"], cols["believed_wrong"]
-    lines = [f"# Label issues\n", f"{int(wrong.sum())} of {len(wrong)} training labels are believed wrong "
+    lines = ["# Label issues\n", f"{int(wrong.sum())} of {len(wrong)} training labels are believed wrong "
              f"({100 * wrong.mean():.1f}%); {int((corrected != given).sum())} were relabelled.\n",
              "| given class | samples | believed wrong | % |", "|---|---|---|---|"]
     for c, name in enumerate(class_names):

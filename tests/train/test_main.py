@@ -81,7 +81,6 @@ def test_resume_gives_the_same_weights(full_run, tmp_path, digits_shards):
 
 
 def test_report_rows_match_the_run_tables_and_reproduce_from_checkpoint(full_run, tmp_path):
-    import numpy as np
 
     run, _ = full_run
     state = torch.load(run / "last.pt", weights_only=True)
