@@ -351,9 +351,10 @@ def main(argv=None) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(dataclasses.replace(cfg, resume=""), run_dir / "config.yaml")
     log = RunLog(run_dir, accelerator, cfg)
+    stop = StopFlag().install()  # before SelectMix's stage: a signal there is honoured at the first step
     method = create_run_method(cfg, data, accelerator, run_dir, num_classes)
     select = cfg.select_split or (cfg.eval_splits[0] if cfg.eval_splits else "")
-    metrics, skipped, stop = {}, 0, StopFlag().install()
+    metrics, skipped = {}, 0
     for epoch in range(start, cfg.epochs):
         metrics = run_epoch(cfg, epoch, model, optimizer, method, data, tables, accelerator, stop,
                             step if epoch == start else 0)
