@@ -70,6 +70,8 @@ def main(argv=None) -> int:
             print(f"| {split} | {r['top1']:.2f} | {r['top5']:.2f} | {r['evaluated']} | {r['skipped']} |")
         (args.run / "eval.json").write_text(json.dumps({"checkpoint": args.checkpoint, "results": results},
                                                        indent=1) + "\n")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # tear the process group down before exit (gloo aborts otherwise, at times)
     return 0
 
 
