@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from data.reader import ShardDataset, id_loader
-from index.comm import all_gather_rows, broadcast_array, gather_by_id
+from index.comm import all_gather_rows, broadcast_array
 from index.gmm import CleanFit, clean_probability
 from index.knn import knn_with_recall
 
@@ -173,10 +173,12 @@ def evaluate(model, dataset: ShardDataset, accelerator, batch_size: int, workers
         labels = batch["labels"][keep].numpy()
         rows.append(np.stack([batch["ids"][keep].numpy(), topk_correct(logits, labels, 1),
                               topk_correct(logits, labels, 5)], 1))
-    local = np.concatenate(rows) if rows else np.zeros((0, 3), np.int64)
-    seen = gather_by_id(local[:, 0], local[:, 1:].astype(np.float32), len(dataset))
+    local = np.concatenate(rows) if rows else np.zeros((0, 3), np.int64)  # [n, 3] id, top-1 hit, top-5 hit
+    everyone = np.concatenate(all_gather_rows(local))  # one gather: ids and hits travel together
+    seen = np.full((len(dataset), 2), np.nan, dtype=np.float32)
+    seen[everyone[:, 0]] = everyone[:, 1:]
     corrupt = int(np.concatenate(all_gather_rows(np.array([corrupt]))).sum())
-    return summarise_eval(seen, len(dataset), np.concatenate(all_gather_rows(local[:, 0])), corrupt)
+    return summarise_eval(seen, len(dataset), everyone[:, 0], corrupt)
 
 
 def summarise_eval(seen: np.ndarray, size: int, all_ids: np.ndarray, corrupt: int = 0) -> dict:

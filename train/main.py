@@ -105,6 +105,11 @@ def load_data(cfg: Config, accelerator: Accelerator) -> Data:
     return Data(root, manifest, train, plain, evals, (1 if preset.mode == "L" else 3, preset.size, preset.size))
 
 
+def eval_batch_size(cfg: Config, accelerator) -> int:
+    """Per-rank batch of the forward-only passes (refresh, evaluation): twice the training share."""
+    return max(cfg.batch_size // accelerator.num_processes, 1) * 2
+
+
 def create_optimizer(cfg: Config, model):
     """SGD with momentum and cosine annealing with warm restarts (stepped per epoch)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -118,7 +123,7 @@ def refresh_tables(cfg: Config, epoch: int, model, data: Data, plan, tables: Tab
     t0 = time.perf_counter()
     rank = accelerator.process_index
     stats = refresh(accelerator.unwrap_model(model), data.train_plain, plan.refresh_slice(rank), accelerator,
-                    max(cfg.batch_size // accelerator.num_processes, 1) * 2, cfg.workers,
+                    eval_batch_size(cfg, accelerator), cfg.workers,
                     progress=cfg.progress and accelerator.is_local_main_process)
     t1 = time.perf_counter()
     labels = (tables.targets.corrected() if cfg.gmm_loss == "corrected" else data.train.labels)[stats.ids]
@@ -217,7 +222,7 @@ def selectmix_stage(cfg: Config, data: Data, accelerator, run_dir: Path, num_cla
         held = np.flatnonzero(folds == fold)
         stats = refresh(accelerator.unwrap_model(model), data.train_plain,
                         np.array_split(held, accelerator.num_processes)[accelerator.process_index], accelerator,
-                        max(cfg.batch_size // accelerator.num_processes, 1) * 2, cfg.workers)
+                        eval_batch_size(cfg, accelerator), cfg.workers)
         probs = gather_by_id(stats.ids, stats.probs, n)
         if accelerator.is_main_process:
             save_fold(run_dir, fold, held, probs[held])
@@ -253,7 +258,7 @@ def evaluate_splits(cfg: Config, epoch: int, model, data: Data, accelerator) -> 
         return {}
     out = {}
     for name, ds in data.evals.items():
-        result = evaluate(model, ds, accelerator, max(cfg.batch_size // accelerator.num_processes, 1) * 2,
+        result = evaluate(model, ds, accelerator, eval_batch_size(cfg, accelerator),
                           cfg.workers)
         out.update({f"{name}_top1": result["top1"], f"{name}_top5": result["top5"],
                     f"{name}_skipped": result["skipped"]})
