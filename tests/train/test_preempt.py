@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from conftest import REPO
@@ -25,14 +26,37 @@ def env():
 
 
 def rank_pids(parent: int) -> list[int]:
-    """The training processes under the launcher (its descendants running train/main.py)."""
-    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()[1:]
-    rows = [line.split(None, 2) for line in out]
+    """The training processes under the launcher (its descendants running train/main.py).
+
+    Read from /proc, not `ps`: ps truncates the command line to $COLUMNS (80 on some CI hosts), which
+    can cut "train/main.py" off a long checkout path.
+    """
+    procs = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if entry.name.isdigit():
+            procs[int(entry.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), [a.decode() for a in cmdline])
     children, frontier = set(), {parent}
     while frontier:
-        frontier = {int(p) for p, pp, _ in rows if int(pp) in frontier} - children
+        frontier = {p for p, (pp, _) in procs.items() if pp in frontier} - children
         children |= frontier
-    return [int(p) for p, _, a in rows if int(p) in children and "train/main.py" in a and "accelerate" not in a]
+    return sorted(p for p in children
+                  if any(a.endswith("train/main.py") for a in procs[p][1])
+                  and not any("accelerate" in a for a in procs[p][1]))
+
+
+def wait_for_ranks(parent: int, n: int, timeout: float = 60) -> list[int]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        pids = rank_pids(parent)
+        if len(pids) == n:
+            return pids
+        time.sleep(0.1)
+    return rank_pids(parent)
 
 
 def test_signal_stops_mid_epoch_and_resume_matches(tmp_path, digits_shards):
@@ -45,9 +69,8 @@ def test_signal_stops_mid_epoch_and_resume_matches(tmp_path, digits_shards):
     deadline = time.time() + 300
     while time.time() < deadline and not (run / "summary.csv").is_file():
         time.sleep(0.2)
-    time.sleep(0.5)
-    pids = rank_pids(proc.pid)
-    assert len(pids) == 2
+    pids = wait_for_ranks(proc.pid, 2)
+    assert len(pids) == 2, (pids, proc.poll())
     os.kill(pids[1], signal.SIGUSR1)  # one rank only: the ranks must agree to stop together
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
