@@ -1,12 +1,12 @@
 """Neighbour search and GMM cost on this machine; prints a markdown table.
 
     python bench/knn_scaling.py [--sizes 20000,128000] [--dims 512,2048] [--queries 2048]
-        [--indexes exact,sharded2,hnsw,ivf] [--gmm 128000,1000000]
+        [--indexes exact,sharded2,hnsw,ivf,clustered] [--gmm 128000,1000000]
 
 Embeddings are synthetic and clustered (1000 Gaussian clusters), like penultimate-layer features.
 - exact: FAISS brute force on one process over the whole set, timed on `--queries` sampled queries.
 - sharded2: `index.knn.knn_sharded` over 2 gloo ranks (each holds half), same sampled queries.
-- hnsw / ivf: the approximate modes, timed **including the index build**, over all N queries.
+- hnsw / ivf / clustered: the approximate modes, timed **including the index build**, over all N queries.
 ms/query, recall@1 against exact (on the sampled queries) and peak resident memory of the process
 (each configuration runs in a fresh process).
 """
@@ -103,7 +103,7 @@ def measure(n: int, d: int, kind: str, q: int) -> dict:
         per = len(queries)
     else:
         t0 = time.perf_counter()
-        searcher = ShardSearcher(x, "l2", kind, hnsw_m=32, hnsw_ef=64, ivf_nprobe=8)
+        searcher = ShardSearcher(x, "l2", kind, hnsw_m=32, hnsw_ef=64, ivf_nprobe=8, clustered_nprobe=2)
         _, pos = searcher.search(x, 2)  # every sample queries the whole set
         seconds, per = time.perf_counter() - t0, n
         pos = pos[queries]
@@ -129,7 +129,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="20000,128000")
     p.add_argument("--dims", default="512,2048")
-    p.add_argument("--indexes", default="exact,sharded2,hnsw,ivf")
+    p.add_argument("--indexes", default="exact,sharded2,hnsw,ivf,clustered")
     p.add_argument("--queries", type=int, default=2048)
     p.add_argument("--gmm", default="128000,1000000")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -149,10 +149,11 @@ def main() -> None:
                     continue
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 label = {"exact": "exact, 1 process", "sharded2": "exact, sharded over 2 ranks",
-                         "hnsw": "HNSW(32, ef 64) incl. build", "ivf": "IVF-Flat(4 sqrt N, nprobe 8) incl. build"}[kind]
+                         "hnsw": "HNSW(32, ef 64) incl. build", "ivf": "IVF-Flat(4 sqrt N, nprobe 8) incl. build",
+                         "clustered": "clustered GEMM (sqrt N lists, nprobe 2) incl. build"}[kind]
                 print(f"| {n} | {d} | {label} | {r['ms_per_query']:.3f} | {r['seconds']:.1f} | "
                       f"{r['recall@1']:.3f} | {r['peak_mb']:.0f} |", flush=True)
-    for n in map(int, args.gmm.split(",")):
+    for n in (int(v) for v in args.gmm.split(",") if v):
         print(f"\nGMM (scikit-learn, 2 components, max_iter 10) on {n:,} losses: {gmm_seconds(n):.2f} s")
 
 

@@ -10,6 +10,7 @@ The `index.json` beside the shards stays a valid wids index for users who prefer
 """
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import os
@@ -46,6 +47,73 @@ class ShardDataset(torch.utils.data.Dataset):
         self.mode = mode
         self._fds: dict[int, int] = {}
         self._pid = None
+        self._pixels = None  # decoded-image cache (see cache_decoded)
+
+    def with_transform(self, transform) -> "ShardDataset":
+        """The same split (tables and decoded-image cache shared, not copied) under another transform."""
+        view = copy.copy(self)
+        view.transform, view._fds, view._pid = transform, {}, None
+        return view
+
+    @property
+    def cached(self) -> bool:
+        return self._pixels is not None
+
+    @property
+    def cache_bytes(self) -> int:
+        return 0 if self._pixels is None else int(self._pixels.nbytes)
+
+    def cache_decoded(self, max_bytes: int) -> bool:
+        """Decode every image once into memory: one uint8 buffer (CHW per sample) plus offsets, so later
+        reads skip the shard and the decoder. One flat buffer rather than a list of objects: forked
+        DataLoader workers share its pages instead of copying them as reference counts change.
+
+        Returns False and caches nothing when the decoded split would take more than `max_bytes` (estimated
+        from the first 32 images, then checked while decoding). An unreadable image is remembered and
+        reads of it keep returning None (skipped and counted by the collate function, as without cache).
+        """
+        n = len(self)
+        probe = [self._decode_array(i) for i in range(min(n, 32))]
+        probe_bytes = [a.nbytes for a in probe if a is not None]
+        if probe_bytes and np.mean(probe_bytes) * n > max_bytes:
+            return False
+        arrays, errors, total = [], {}, 0
+        for i in range(n):
+            array = probe[i] if i < len(probe) else self._decode_array(i)
+            if array is None:
+                errors[i] = self._last_error
+                array = np.zeros((0, 0, 0), np.uint8)
+            total += array.nbytes
+            if total > max_bytes:
+                return False
+            arrays.append(array)
+        shapes = np.array([a.shape for a in arrays], dtype=np.int64)
+        sizes = shapes.prod(1)
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self._pixels = np.concatenate([a.reshape(-1) for a in arrays]) if total else np.zeros(0, np.uint8)
+        self._pixel_offsets, self._pixel_shapes, self._cache_errors = offsets, shapes, errors
+        logger.info("%s: %d images decoded into memory (%.1f MB, %d unreadable)", self.split_dir, n, total / 2**20,
+                    len(errors))
+        return True
+
+    def _decode_array(self, sample_id: int) -> np.ndarray | None:
+        """uint8 CHW array of one image, or None (reason in `_last_error`) when it cannot be read."""
+        try:
+            array = np.asarray(self.load_image(sample_id))
+        except Exception as e:
+            self._last_error = f"{type(e).__name__}: {e}"
+            return None
+        return np.ascontiguousarray(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+
+    def decoded(self, sample_id: int):
+        """The decoded image: a uint8 CHW tensor from the cache, else a PIL image read from the shard."""
+        if self._pixels is None:
+            return self.load_image(sample_id)
+        shape = self._pixel_shapes[sample_id]
+        if shape[0] == 0:
+            raise OSError(self._cache_errors[sample_id])
+        start = self._pixel_offsets[sample_id]
+        return torch.from_numpy(self._pixels[start:start + int(shape.prod())]).view(*shape.tolist())
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -89,7 +157,7 @@ class ShardDataset(torch.utils.data.Dataset):
     def __getitem__(self, sample_id):
         sample_id = int(sample_id)
         try:
-            image = self.load_image(sample_id)
+            image = self.decoded(sample_id)
         except Exception as e:  # a damaged shard must never crash a long run: skip and count
             logger.warning("%s: sample id %d skipped (%s: %s)", self.split_dir, sample_id, type(e).__name__, e)
             return None

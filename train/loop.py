@@ -99,7 +99,8 @@ def neighbour_table(stats: RefreshStats, num_samples: int, cfg) -> tuple[np.ndar
     query_ids, neighbours, recall = knn_with_recall(
         stats.embeddings, stats.ids, cfg.k, index=cfg.knn_index, metric=cfg.metric,
         recall_queries=cfg.recall_queries, transfer_dtype=np.dtype(cfg.embed_transfer),
-        hnsw_m=cfg.hnsw_m, hnsw_ef=cfg.hnsw_ef, ivf_nprobe=cfg.ivf_nprobe)
+        hnsw_m=cfg.hnsw_m, hnsw_ef=cfg.hnsw_ef, ivf_nprobe=cfg.ivf_nprobe,
+        clustered_nprobe=cfg.clustered_nprobe)
     table = np.full((num_samples, cfg.k), -1, dtype=np.int64)
     table[query_ids] = neighbours
     return table, recall

@@ -100,9 +100,25 @@ def load_data(cfg: Config, accelerator: Accelerator) -> Data:
     manifest = read_manifest(root)
     preset = get_preset(cfg.dataset, cfg.image_size or None)
     train = ShardDataset(root / cfg.train_split, TrainTransform(preset=preset), preset.mode)
-    plain = ShardDataset(root / cfg.train_split, EvalTransform(preset=preset), preset.mode)
     evals = {s: ShardDataset(root / s, EvalTransform(preset=preset), preset.mode) for s in cfg.eval_splits}
+    cache_images(cfg, [train, *evals.values()])
+    plain = train.with_transform(EvalTransform(preset=preset))  # shares the cache
     return Data(root, manifest, train, plain, evals, (1 if preset.mode == "L" else 3, preset.size, preset.size))
+
+
+def cache_images(cfg: Config, datasets: list[ShardDataset]) -> None:
+    """Decode small splits into memory once (`cache_images`), in order, within `cache_max_mb` per process."""
+    if cfg.cache_images not in ("auto", "true", "false"):
+        raise ValueError(f"cache_images must be auto, true or false, got {cfg.cache_images!r}")
+    if cfg.cache_images == "false":
+        return
+    budget = (cfg.cache_max_mb << 20) if cfg.cache_images == "auto" else 1 << 62
+    for ds in datasets:
+        if ds.cache_decoded(budget):
+            budget -= ds.cache_bytes
+        else:
+            logger.info("%s: not cached (decoded images would exceed cache_max_mb=%d)", ds.split_dir,
+                        cfg.cache_max_mb)
 
 
 def eval_batch_size(cfg: Config, accelerator) -> int:

@@ -82,3 +82,34 @@ def test_index_json_is_a_valid_wids_index(digits_shards):
 
 def ds_labels(root):
     return ShardDataset(root / "test").labels
+
+
+def test_decoded_cache_gives_the_same_samples_through_forked_workers(tmp_path, digits_shards):
+    split = tmp_path / "train"
+    shutil.copytree(digits_shards / "test", split)
+    with open(split / "shard-000000.tar", "r+b") as f:  # one damaged sample
+        ds = ShardDataset(split, mode="L")
+        f.seek(int(ds.offset[7]))
+        f.write(b"\0" * int(ds.size[7]))
+    preset = get_preset("digits")
+    plain = ShardDataset(split, transform=EvalTransform(preset=preset), mode="L")
+    cached = ShardDataset(split, transform=EvalTransform(preset=preset), mode="L")
+    assert cached.cache_decoded(max_bytes=1 << 20) and cached.cached
+    expected = {i: plain[i] for i in (0, 1, 5, 359)}
+    (split / "shard-000000.tar").unlink()  # a cached split no longer reads its shards
+    augmenting = cached.with_transform(TrainTransform(preset=preset))
+    assert augmenting.cached and augmenting.transform is not cached.transform
+    for i in (0, 5, 359):
+        assert torch.equal(cached[i][0], expected[i][0]) and cached[i][1:] == expected[i][1:]
+    assert cached[7] is None
+    batches = [np.array([0, 7, 5]), np.array([359, 1])]
+    for workers in (0, 2):
+        out = list(id_loader(cached, batches, workers=workers))
+        assert [b["skipped"] for b in out] == [1, 0]
+        assert torch.equal(out[1]["images"][0], expected[359][0])
+
+
+def test_decoded_cache_refuses_a_split_over_budget(digits_shards):
+    ds = ShardDataset(digits_shards / "train", mode="L")
+    assert not ds.cache_decoded(max_bytes=64 * 100)  # 1437 images of 64 bytes do not fit in 6,400 bytes
+    assert not ds.cached and ds[3] is not None

@@ -68,10 +68,10 @@ def approx_child(rank, x, ids, index):
 
     rows = np.array_split(np.arange(len(x)), 2)[rank]
     return knn_with_recall(x[rows], ids[rows], 1, index=index, recall_queries=400, transfer_dtype=np.float16,
-                           hnsw_m=16, hnsw_ef=64, ivf_nprobe=8)
+                           hnsw_m=16, hnsw_ef=64, ivf_nprobe=8, clustered_nprobe=2)
 
 
-@pytest.mark.parametrize("index,stated", [("hnsw", 0.95), ("ivf", 0.9)])
+@pytest.mark.parametrize("index,stated", [("hnsw", 0.95), ("ivf", 0.9), ("clustered", 0.95)])
 def test_approximate_modes_reach_their_stated_recall(tmp_path, index, stated):
     x = clustered(4000, 32, 40, seed=1)
     ids = np.arange(4000)
@@ -82,3 +82,20 @@ def test_approximate_modes_reach_their_stated_recall(tmp_path, index, stated):
     true_recall = float((t0[:, 0] == truth[:, 0]).mean())
     assert true_recall >= stated and r0 >= stated
     assert abs(r0 - true_recall) < 0.05  # the sampled estimate tracks the real recall
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_clustered_index_with_every_list_probed_is_exact(metric):
+    from index.knn import ShardSearcher, prepare_embeddings
+
+    x = prepare_embeddings(clustered(600, 16, 6, seed=2), metric)
+    queries = prepare_embeddings(clustered(50, 16, 6, seed=3), metric)
+    exact_d, exact_p = ShardSearcher(x, metric).search(queries, 3)
+    full = ShardSearcher(x, metric, "clustered", clustered_nprobe=10**6)  # probes every list
+    d, p = full.search(queries, 3)
+    assert np.array_equal(p, exact_p) and np.allclose(d, exact_d, atol=1e-4)
+    one = ShardSearcher(x, metric, "clustered", clustered_nprobe=1)  # only the query's own list
+    _, p1 = one.search(queries, 3)
+    lists = one.index.nearest_centroid(x)
+    own = one.index.nearest_centroid(queries)
+    assert (lists[p1] == own[:, None]).all()  # every answer comes from the probed list

@@ -1,0 +1,67 @@
+"""The fast transform paths draw and compute exactly what torchvision's v2 Compose does."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2 as T
+
+from data.transforms import EvalTransform, TrainTransform, get_preset
+
+
+def reference_train(preset):
+    flips = [T.RandomHorizontalFlip()] if preset.hflip else []
+    return T.Compose([T.PILToTensor(), T.RandomCrop(preset.size, padding=preset.padding), *flips,
+                      T.ToDtype(torch.float32, scale=True), T.Normalize(preset.mean, preset.std)])
+
+
+def reference_eval(preset):
+    return T.Compose([T.PILToTensor(), T.Resize(preset.resize, antialias=True), T.CenterCrop(preset.size),
+                      T.ToDtype(torch.float32, scale=True), T.Normalize(preset.mean, preset.std)])
+
+
+def images(mode, shape, n=20):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode) for _ in range(n)]
+
+
+@pytest.mark.parametrize("name,mode,shape", [("digits", "L", (8, 8)), ("cifar10", "RGB", (32, 32, 3)),
+                                             ("cifar100", "RGB", (30, 34, 3))])
+def test_padded_crop_equals_v2(name, mode, shape):
+    preset = get_preset(name)
+    fast, reference = TrainTransform(preset=preset), reference_train(preset)
+    for image in images(mode, shape):
+        torch.manual_seed(3)
+        expected = reference(image)
+        torch.manual_seed(3)
+        got = fast(image)
+        torch.manual_seed(3)
+        from_tensor = fast(torch.from_numpy(np.array(image)).reshape(*shape[:2], -1).permute(2, 0, 1))
+        assert torch.equal(got, expected) and torch.equal(from_tensor, expected)
+
+
+def test_padded_crop_draws_vary_and_follow_the_seed():
+    fast = TrainTransform(preset=get_preset("cifar10"))
+    image = images("RGB", (32, 32, 3), 1)[0]
+    torch.manual_seed(0)
+    a = [fast(image) for _ in range(5)]
+    torch.manual_seed(0)
+    b = [fast(image) for _ in range(5)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(a[0], x) for x in a[1:])
+
+
+@pytest.mark.parametrize("name,shape", [("digits", (8, 8)), ("clothing1m", (300, 260, 3)),
+                                        ("webvision", (256, 256, 3)), ("cifar10", (32, 32, 3))])
+def test_eval_equals_v2(name, shape):
+    preset = get_preset(name)
+    mode = "L" if len(shape) == 2 else "RGB"
+    for image in images(mode, shape, 3):
+        expected = reference_eval(preset)(image)
+        assert torch.equal(EvalTransform(preset=preset)(image), expected)
+        tensor = torch.from_numpy(np.array(image)).reshape(*shape[:2], -1).permute(2, 0, 1)
+        assert torch.equal(EvalTransform(preset=preset)(tensor), expected)
+
+
+def test_crop_larger_than_padded_image_is_an_error():
+    with pytest.raises(ValueError, match="larger than the padded image"):
+        TrainTransform(preset=get_preset("cifar10"))(torch.zeros(3, 16, 16, dtype=torch.uint8))
