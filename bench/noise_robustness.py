@@ -6,7 +6,8 @@
 
 Method names: ce, mixup, mixnn, selectmix, cleanlab-mlp (cleanlab's CleanLearning + scikit-learn MLP,
 digits only), and MixNN ablations mixnn-avg, mixnn-random (weights), mixnn-nocorr (no label
-correction), mixnn-randpartner, mixnn-batch (in-batch neighbours), mixnn-window1, mixnn-corrloss.
+correction), mixnn-randpartner, mixnn-batch (in-batch neighbours), mixnn-window1, mixnn-corrloss, mixnn-refresh2
+(tables refreshed every 2nd epoch).
 
 Prints a markdown table: test accuracy (mean +- std over seeds, last epoch) and label-correction
 accuracy (argmax of the soft targets = true label, over the training set).
@@ -62,7 +63,7 @@ def run_one(noise: str, method: str, seed: int, args, extra: list[str]) -> dict:
             "avg": ["--weights", "avg"], "random": ["--weights", "random"],
             "nocorr": ["--correction_epoch", "-1"], "randpartner": ["--partners", "random"],
             "corrloss": ["--gmm_loss", "corrected", "--gmm_loss_window", "1"], "window5": ["--gmm_loss_window", "5"],
-            "window1": ["--gmm_loss_window", "1"],
+            "window1": ["--gmm_loss_window", "1"], "refresh2": ["--refresh_every", "2"],
             "batch": ["--knn_scope", "batch"]}[ablation]]
     data = ["--noise", noise, "--noise_seed", str(seed)]
     if args.dataset != "digits":  # shards the user prepared: SHARDS/<dataset>-<noise>-s<seed>

@@ -39,6 +39,7 @@ class Config:
     correction_epoch: int = 10  # E_s: soft targets move by EMA from this epoch on (-1: never)
     ema: float = 0.9
     gmm_loss: str = "given"  # loss the GMM sees: against the given label or the corrected argmax(t)
+    refresh_every: int = 1  # refresh tables every R epochs after warm-up (1: every epoch, the paper; needs num_batches 0)
     gmm_loss_window: int = 5  # fit the GMM on each sample's loss averaged over the last W refreshes
     weights: str = "clean"  # clean (Eq. 10/11) | avg | random
     partners: str = "knn"  # knn | random
@@ -151,7 +152,17 @@ def load_config(argv: list[str]) -> Config:
     config_file = overrides.pop("config", None)
     if config_file:
         apply(cfg, read_yaml(Path(config_file)), config_file)
-    return apply(cfg, overrides, "command line")
+    return check(apply(cfg, overrides, "command line"))
+
+
+def check(cfg: Config) -> Config:
+    """Settings that are wrong together."""
+    if cfg.refresh_every < 1:
+        raise ConfigError(f"--refresh_every must be >= 1, got {cfg.refresh_every}")
+    if cfg.refresh_every > 1 and cfg.num_batches > 0:
+        raise ConfigError("--refresh_every > 1 needs full-pass epochs (num_batches 0): a class-balanced draw "
+                          "changes the epoch's samples, and those outside the last refresh would have no neighbours")
+    return cfg
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -167,6 +167,13 @@ def refresh_tables(cfg: Config, epoch: int, model, data: Data, plan, tables: Tab
     return out
 
 
+def refresh_due(cfg: Config, epoch: int, tables: Tables) -> bool:
+    """After warm-up, every `refresh_every` epochs (and whenever the tables were never refreshed)."""
+    if epoch < cfg.warmup_epochs:
+        return False
+    return tables.clean is None or (epoch - cfg.warmup_epochs) % cfg.refresh_every == 0
+
+
 def check_tables_identical(tables: Tables) -> None:
     """Every rank must hold the same per-sample tables; a CRC of each is compared across ranks."""
     parts = [tables.targets.values.numpy().tobytes(), b"" if tables.clean is None else tables.clean.tobytes(),
@@ -191,11 +198,12 @@ def run_epoch(cfg: Config, epoch: int, model, optimizer, method, data: Data, tab
               stop=None, start_step: int = 0, subset=None) -> dict:
     """One epoch of Algorithm 1 (warm-up epochs: plain cross-entropy, no refresh). A run resumed
     mid-epoch (`start_step > 0`) keeps the tables of its checkpoint and skips the steps already done."""
+    started = time.perf_counter()
     rank, world = accelerator.process_index, accelerator.num_processes
     plan = build_epoch_plan(data.train.labels, seed=cfg.seed, epoch=epoch, batch_size=cfg.batch_size,
                             world_size=world, num_batches=cfg.num_batches, subset=subset)
     metrics = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-    if epoch >= cfg.warmup_epochs and method.name == "mixnn" and start_step == 0:
+    if method.name == "mixnn" and start_step == 0 and refresh_due(cfg, epoch, tables):
         metrics.update(refresh_tables(cfg, epoch, model, data, plan, tables, accelerator))
         check_tables_identical(tables)
         metrics["tables_checked_ranks"] = world
@@ -214,6 +222,7 @@ def run_epoch(cfg: Config, epoch: int, model, optimizer, method, data: Data, tab
     metrics.update(table_metrics(data.train, tables, plan.unique_ids))
     if isinstance(method, SelectMix):
         metrics.update(uncertainty_metrics(method, data.train.true_labels))
+    metrics["epoch_seconds"] = time.perf_counter() - started  # everything but evaluation and checkpoint
     return metrics
 
 

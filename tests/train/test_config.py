@@ -33,3 +33,11 @@ def test_shipped_configs_parse_and_digits_matches_defaults():
     digits = yaml.safe_load((CONFIG_DIR / "digits.yaml").read_text())
     defaults = dataclasses.asdict(Config())
     assert all(defaults[k] == v for k, v in digits.items())
+
+
+def test_settings_wrong_together_are_rejected():
+    assert load_config(["--refresh_every", "3"]).refresh_every == 3
+    with pytest.raises(ConfigError, match="needs full-pass epochs"):
+        load_config(["--refresh_every", "2", "--num_batches", "10"])
+    with pytest.raises(ConfigError, match=">= 1"):
+        load_config(["--refresh_every", "0"])

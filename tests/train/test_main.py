@@ -115,3 +115,12 @@ def test_standalone_evaluate_matches_the_run(full_run, digits_shards, tmp_path):
     final = json.loads((run / "final.json").read_text())
     assert evaluation["evaluated"] == 360 and evaluation["top1"] == pytest.approx(final["last"]["test_top1"])
     assert "| top-1 |" in result.stdout
+
+
+def test_refresh_every_two_epochs_keeps_the_tables_between_refreshes(tmp_path, digits_shards):
+    launch(tmp_path, "--data", digits_shards, "--run_name", "r2", "--epochs", "5", "--warmup_epochs", "1",
+           "--correction_epoch", "1", "--refresh_every", "2", "--eval_every", "5", "--progress", "false", processes=1)
+    rows = list(csv.DictReader((tmp_path / "runs" / "r2" / "summary.csv").open()))
+    refreshed = [int(r["epoch"]) for r in rows if r.get("time_refresh")]
+    assert refreshed == [1, 3]
+    assert all(float(r["train_images"]) > 0 for r in rows)
