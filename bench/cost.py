@@ -1,19 +1,20 @@
 """What a method costs per epoch, and how fast the data path reads; prints markdown tables.
 
     python bench/cost.py [--sizes digits,synthetic] [--ranks 1,2] [--epochs 3] [--synthetic-n 4000]
+        [--methods ce,mixnn,mixnn-refresh2,selectmix] [--no-throughput]
 
 Per configuration (same data, model and number of steps for every method): the mean over epochs 1..E-1
 (epoch 0 pays start-up) of the epoch time and its split - refresh pass / GMM / soft targets / kNN
 (gather and broadcast included) / other (epoch plan, partner ids, table checks, metrics) / train pass,
-of which waiting for data - images per second of the
-train pass, peak resident memory per rank, and the ratio of the epoch time to CE's. MixNN runs with
-warm-up 0 so every epoch pays the refresh; SelectMix's
-timed epochs are its training stage (its cross-validation stage runs before, here with 2 folds x 1 epoch). `synthetic` is a generated set of 64x64 JPEGs (10 classes,
-40% symmetric noise) written to shards, trained with timm's resnet10t.
+of which waiting for data - images per second of the train pass, peak resident memory per rank, and
+the ratio of the epoch time to CE's. MixNN runs with warm-up 0 so every epoch pays the refresh
+(`mixnn-refresh2`: every 2nd epoch); SelectMix's timed epochs are its training stage (its
+cross-validation stage runs first, here 2 folds x 1 epoch). `synthetic` is a generated set of 64x64
+JPEGs (10 classes, 40% symmetric noise) written to shards, trained with timm's resnet10t.
 
 Then the data path: samples/s of read-by-id (`data.reader.ShardDataset`, random order across all
-shards, decode + train transform) with 0 and 2 DataLoader workers, against sequential WebDataset
-streaming of the same shards with the same decode and transform.
+shards, decode + train transform; then from the decoded-image cache) with 0 and 2 DataLoader workers,
+against sequential WebDataset streaming of the same shards with the same decode and transform.
 """
 from __future__ import annotations
 
@@ -63,16 +64,17 @@ def train_args(size: str, work: Path, n: int) -> list[str]:
             "--eval_splits", "", "--batch_size", "64"]
 
 
-METHOD_ARGS = {"selectmix": ["--cv_folds", "2", "--cv_epochs", "1"]}  # a short CV stage: not what is timed
+METHOD_ARGS = {"selectmix": ["--method", "selectmix", "--cv_folds", "2", "--cv_epochs", "1"],  # short CV stage, untimed
+               "mixnn-refresh2": ["--method", "mixnn", "--refresh_every", "2"]}  # tables refreshed every 2nd epoch
 
 
 def run(method: str, ranks: int, args: list[str], epochs: int, out: Path) -> list[dict]:
     name = f"{method}-{ranks}-{int(time.time() * 1000) % 10**8}"
     launch = ([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "launch/accelerate/cpu2.yaml")] if ranks == 2 else [sys.executable])
-    cmd = [*launch, str(REPO / "train/main.py"), *args, "--method", method, "--epochs", str(epochs),
+    cmd = [*launch, str(REPO / "train/main.py"), *args, "--epochs", str(epochs),
            "--warmup_epochs", "0", "--correction_epoch", "0", "--eval_every", "1000", "--progress", "false",
-           "--output", str(out), "--run_name", name, *METHOD_ARGS.get(method, [])]
+           "--output", str(out), "--run_name", name, *METHOD_ARGS.get(method, ["--method", method])]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode:
@@ -80,8 +82,10 @@ def run(method: str, ranks: int, args: list[str], epochs: int, out: Path) -> lis
     return list(csv.DictReader((out / name / "summary.csv").open()))[1:]
 
 
-def mean(rows: list[dict], key: str) -> float:
-    values = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+def mean(rows: list[dict], key: str, missing: float | None = None) -> float:
+    """Mean of a column over epochs; an epoch without the value counts as `missing` (None: skipped)."""
+    values = [float(r[key]) if r.get(key) not in (None, "") else missing for r in rows]
+    values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else 0.0
 
 
@@ -94,7 +98,7 @@ def cost_table(sizes, ranks_list, methods, epochs, n, work: Path) -> None:
             base = None
             for method in methods:
                 rows = run(method, ranks, args, epochs, work / "runs")
-                parts = {k: mean(rows, k) for k in SPLIT}
+                parts = {k: mean(rows, k, missing=0.0) for k in SPLIT}  # epochs without a refresh pay 0
                 total = mean(rows, "epoch_seconds")
                 other = total - sum(parts.values())  # plan, partner ids, table checks, metrics
                 base = base or total
@@ -147,7 +151,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="digits,synthetic")
     p.add_argument("--ranks", default="1,2")
-    p.add_argument("--methods", default="ce,mixnn,selectmix")
+    p.add_argument("--methods", default="ce,mixnn,mixnn-refresh2,selectmix")
+    p.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--synthetic-n", type=int, default=4000)
     p.add_argument("--work", type=Path, default=Path("runs/bench-cost"))
@@ -155,7 +160,8 @@ def main() -> None:
     args.work = args.work.resolve()
     cost_table(args.sizes.split(","), [int(r) for r in args.ranks.split(",")], args.methods.split(","), args.epochs,
                args.synthetic_n, args.work)
-    throughput_table(make_synthetic(args.work / "synthetic", args.synthetic_n))
+    if args.throughput:
+        throughput_table(make_synthetic(args.work / "synthetic", args.synthetic_n))
 
 
 if __name__ == "__main__":
