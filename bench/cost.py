@@ -1,7 +1,7 @@
 """What a method costs per epoch, and how fast the data path reads; prints markdown tables.
 
     python bench/cost.py [--sizes digits,synthetic] [--ranks 1,2] [--epochs 3] [--synthetic-n 4000]
-        [--methods ce,mixnn,mixnn-refresh2,selectmix] [--no-throughput]
+        [--methods ce,mixnn,mixnn-refresh2,selectmix] [--repeats 1] [--no-throughput]
 
 Per configuration (same data, model and number of steps for every method): the mean over epochs 1..E-1
 (epoch 0 pays start-up) of the epoch time and its split - refresh pass / GMM / soft targets / kNN
@@ -89,20 +89,28 @@ def mean(rows: list[dict], key: str, missing: float | None = None) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
-def cost_table(sizes, ranks_list, methods, epochs, n, work: Path) -> None:
+def cost_table(sizes, ranks_list, methods, epochs, n, work: Path, repeats: int = 1) -> None:
+    """Runs every method `repeats` times, interleaved (method order rotates per round) so that slow spells
+    of the machine spread over all methods; rows pool the epochs of all runs, and "epoch s" shows the
+    spread of the per-run means (± std over runs)."""
     print("| data | ranks | method | epoch s | refresh | GMM | targets | kNN | other | train (data wait) | img/s | "
           "peak MB/rank | x CE |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for size in sizes:
         args = train_args(size, work, n)
         for ranks in ranks_list:
+            runs = {m: [] for m in methods}
+            for r in range(repeats):
+                for method in methods[r % len(methods):] + methods[:r % len(methods)]:
+                    runs[method].append(run(method, ranks, args, epochs, work / "runs"))
             base = None
             for method in methods:
-                rows = run(method, ranks, args, epochs, work / "runs")
+                rows = [row for one in runs[method] for row in one]
                 parts = {k: mean(rows, k, missing=0.0) for k in SPLIT}  # epochs without a refresh pay 0
                 total = mean(rows, "epoch_seconds")
+                spread = np.std([mean(one, "epoch_seconds") for one in runs[method]])
                 other = total - sum(parts.values())  # plan, partner ids, table checks, metrics
                 base = base or total
-                print(f"| {size} | {ranks} | {method} | {total:.2f} | {parts['time_refresh']:.2f} | "
+                print(f"| {size} | {ranks} | {method} | {total:.2f} ± {spread:.2f} | {parts['time_refresh']:.2f} | "
                       f"{parts['time_gmm']:.3f} | {parts['time_targets']:.3f} | {parts['time_knn']:.3f} | {other:.3f} | "
                       f"{parts['train_seconds']:.2f} ({mean(rows, 'data_wait_seconds'):.2f}) | "
                       f"{mean(rows, 'images_per_second'):.0f} | {mean(rows, 'peak_rss_mb_per_rank'):.0f} | "
@@ -152,6 +160,7 @@ def main() -> None:
     p.add_argument("--sizes", default="digits,synthetic")
     p.add_argument("--ranks", default="1,2")
     p.add_argument("--methods", default="ce,mixnn,mixnn-refresh2,selectmix")
+    p.add_argument("--repeats", type=int, default=1, help="runs per method, interleaved")
     p.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--synthetic-n", type=int, default=4000)
@@ -159,7 +168,7 @@ def main() -> None:
     args = p.parse_args()
     args.work = args.work.resolve()
     cost_table(args.sizes.split(","), [int(r) for r in args.ranks.split(",")], args.methods.split(","), args.epochs,
-               args.synthetic_n, args.work)
+               args.synthetic_n, args.work, args.repeats)
     if args.throughput:
         throughput_table(make_synthetic(args.work / "synthetic", args.synthetic_n))
 
