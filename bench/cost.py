@@ -1,7 +1,7 @@
 """What a method costs per epoch, and how fast the data path reads; prints markdown tables.
 
     python bench/cost.py [--sizes digits,synthetic] [--ranks 1,2] [--epochs 3] [--synthetic-n 4000]
-        [--methods ce,mixnn,mixnn-refresh2,selectmix] [--repeats 1] [--no-throughput]
+        [--methods ce,mixnn,mixnn-refresh2,selectmix] [--repeats 1] [--train-args "--channels_last true"] [--no-throughput]
 
 Per configuration (same data, model and number of steps for every method): the mean over epochs 1..E-1
 (epoch 0 pays start-up) of the epoch time and its split - refresh pass / GMM / soft targets / kNN
@@ -64,6 +64,7 @@ def train_args(size: str, work: Path, n: int) -> list[str]:
             "--eval_splits", "", "--batch_size", "64"]
 
 
+EXTRA: list[str] = []  # --train-args
 METHOD_ARGS = {"selectmix": ["--method", "selectmix", "--cv_folds", "2", "--cv_epochs", "1"],  # short CV stage, untimed
                "mixnn-refresh2": ["--method", "mixnn", "--refresh_every", "2"]}  # tables refreshed every 2nd epoch
 
@@ -74,7 +75,7 @@ def run(method: str, ranks: int, args: list[str], epochs: int, out: Path) -> lis
                str(REPO / "launch/accelerate/cpu2.yaml")] if ranks == 2 else [sys.executable])
     cmd = [*launch, str(REPO / "train/main.py"), *args, "--epochs", str(epochs),
            "--warmup_epochs", "0", "--correction_epoch", "0", "--eval_every", "1000", "--progress", "false",
-           "--output", str(out), "--run_name", name, *METHOD_ARGS.get(method, ["--method", method])]
+           "--output", str(out), "--run_name", name, *METHOD_ARGS.get(method, ["--method", method]), *EXTRA]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode:
@@ -161,12 +162,15 @@ def main() -> None:
     p.add_argument("--ranks", default="1,2")
     p.add_argument("--methods", default="ce,mixnn,mixnn-refresh2,selectmix")
     p.add_argument("--repeats", type=int, default=1, help="runs per method, interleaved")
+    p.add_argument("--train-args", default="", help='extra train/main.py options for every run, e.g. "--channels_last true"')
     p.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--synthetic-n", type=int, default=4000)
     p.add_argument("--work", type=Path, default=Path("runs/bench-cost"))
     args = p.parse_args()
     args.work = args.work.resolve()
+    global EXTRA
+    EXTRA = args.train_args.split()
     cost_table(args.sizes.split(","), [int(r) for r in args.ranks.split(",")], args.methods.split(","), args.epochs,
                args.synthetic_n, args.work, args.repeats)
     if args.throughput:

@@ -74,14 +74,14 @@ class ShardDataset(torch.utils.data.Dataset):
         """
         n = len(self)
         probe = [self._decode_array(i) for i in range(min(n, 32))]
-        probe_bytes = [a.nbytes for a in probe if a is not None]
+        probe_bytes = [a.nbytes for a, _ in probe if a is not None]
         if probe_bytes and np.mean(probe_bytes) * n > max_bytes:
             return False
         arrays, errors, total = [], {}, 0
         for i in range(n):
-            array = probe[i] if i < len(probe) else self._decode_array(i)
+            array, error = probe[i] if i < len(probe) else self._decode_array(i)
             if array is None:
-                errors[i] = self._last_error
+                errors[i] = error
                 array = np.zeros((0, 0, 0), np.uint8)
             total += array.nbytes
             if total > max_bytes:
@@ -96,14 +96,13 @@ class ShardDataset(torch.utils.data.Dataset):
                     len(errors))
         return True
 
-    def _decode_array(self, sample_id: int) -> np.ndarray | None:
-        """uint8 CHW array of one image, or None (reason in `_last_error`) when it cannot be read."""
+    def _decode_array(self, sample_id: int) -> tuple[np.ndarray | None, str]:
+        """(uint8 CHW array of one image, "") or (None, the reason) when it cannot be read."""
         try:
             array = np.asarray(self.load_image(sample_id))
         except Exception as e:
-            self._last_error = f"{type(e).__name__}: {e}"
-            return None
-        return np.ascontiguousarray(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+            return None, f"{type(e).__name__}: {e}"
+        return np.ascontiguousarray(array[None] if array.ndim == 2 else array.transpose(2, 0, 1)), ""
 
     def decoded(self, sample_id: int):
         """The decoded image: a uint8 CHW tensor from the cache, else a PIL image read from the shard."""

@@ -38,7 +38,7 @@ def evaluate_checkpoint(run: Path, checkpoint: str, splits: list[Path], accelera
     cfg = Config(**{k: v for k, v in state["config"].items() if k in Config.__dataclass_fields__})
     preset = get_preset(cfg.dataset, cfg.image_size or None)
     num_classes = state["targets"]["num_classes"]
-    model = create_model(cfg.model, num_classes, 1 if preset.mode == "L" else 3)
+    model = create_model(cfg.model, num_classes, 1 if preset.mode == "L" else 3, channels_last=cfg.channels_last)
     model.load_state_dict(state["model"])
     model = accelerator.prepare(model)
     results = {}

@@ -236,7 +236,7 @@ def selectmix_stage(cfg: Config, data: Data, accelerator, run_dir: Path, num_cla
             continue
         torch.manual_seed(cfg.seed * 1000 + fold)
         model = create_model(cfg.model, num_classes, data.input_shape[0], pretrained=cfg.pretrained,
-                             drop_rate=cfg.drop_rate)
+                             drop_rate=cfg.drop_rate, channels_last=cfg.channels_last)
         optimizer, scheduler = create_optimizer(fold_cfg, model)
         model, optimizer = accelerator.prepare(model, optimizer)
         tables = Tables(SoftTargets(labels, num_classes))
@@ -368,7 +368,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(cfg.seed)  # same initial weights everywhere; a resumed run restores its RNG below
     num_classes = data.manifest["num_classes"]
     model = create_model(cfg.model, num_classes, data.input_shape[0], pretrained=cfg.pretrained,
-                         drop_rate=cfg.drop_rate)
+                         drop_rate=cfg.drop_rate, channels_last=cfg.channels_last)
     optimizer, scheduler = create_optimizer(cfg, model)
     model, optimizer = accelerator.prepare(model, optimizer)  # loaders stay ours: ids are split by the plan
     tables = Tables(SoftTargets(data.train.labels, num_classes, cfg.targets_topk))

@@ -119,7 +119,8 @@ def test_standalone_evaluate_matches_the_run(full_run, digits_shards, tmp_path):
 
 def test_refresh_every_two_epochs_keeps_the_tables_between_refreshes(tmp_path, digits_shards):
     launch(tmp_path, "--data", digits_shards, "--run_name", "r2", "--epochs", "5", "--warmup_epochs", "1",
-           "--correction_epoch", "1", "--refresh_every", "2", "--eval_every", "5", "--progress", "false", processes=1)
+           "--correction_epoch", "1", "--refresh_every", "2", "--eval_every", "5", "--progress", "false",
+           "--channels_last", "true", processes=1)  # channels_last: NHWC weights through train, refresh, eval
     rows = list(csv.DictReader((tmp_path / "runs" / "r2" / "summary.csv").open()))
     refreshed = [int(r["epoch"]) for r in rows if r.get("time_refresh")]
     assert refreshed == [1, 3]

@@ -24,3 +24,15 @@ def test_embeddings_are_penultimate_features_of_a_timm_resnet():
     with torch.no_grad():
         emb, logits = embed_and_classify(model, x)
         assert emb.shape == (2, 512) and torch.allclose(logits, model(x), atol=1e-5)
+
+
+def test_channels_last_weights_give_the_same_outputs():
+    torch.manual_seed(0)
+    plain = create_model("resnet18", 7, 3).eval()
+    torch.manual_seed(0)
+    nhwc = create_model("resnet18", 7, 3, channels_last=True).eval()
+    assert nhwc.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not plain.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(plain(x), nhwc(x), atol=1e-4)
