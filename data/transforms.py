@@ -58,7 +58,8 @@ class TrainTransform:
     Accepts PIL images or uint8 CHW tensors. The padded-crop preset (digits, CIFAR) runs as plain tensor
     ops with the exact random draws of torchvision's v2 RandomCrop + RandomHorizontalFlip (tested equal):
     per sample it costs ~15 us instead of ~60-90 us through the v2 Compose, which is most of a tiny
-    model's epoch.
+    model's epoch. The random-resized-crop presets (WebVision, ImageNet-style) call the v2 parameter
+    draw and kernels directly (tested equal), half the cost of the Compose.
     """
 
     def __init__(self, *, preset: Preset):
@@ -71,6 +72,7 @@ class TrainTransform:
             crop = [T.Resize(preset.resize, antialias=True), T.RandomCrop(preset.size)]
         else:
             crop = [T.RandomResizedCrop(preset.size, antialias=True)]
+        self.random_resized_crop = crop[0] if preset.crop == "random_resized" else None
         flips = [T.RandomHorizontalFlip()] if preset.hflip else []
         self.transforms = T.Compose([T.PILToTensor(), *crop, *flips, T.ToDtype(torch.float32, scale=True),
                                      T.Normalize(preset.mean, preset.std)])
@@ -78,7 +80,19 @@ class TrainTransform:
     def __call__(self, image):
         if self.preset.crop == "random_crop":
             return self.pad_crop_flip(as_uint8_tensor(image))
+        if self.random_resized_crop is not None:
+            return self.resized_crop_flip(as_uint8_tensor(image))
         return self.transforms(image)
+
+    def resized_crop_flip(self, image: torch.Tensor) -> torch.Tensor:
+        """v2's RandomResizedCrop + flip with its own parameter draw, minus the Compose dispatch
+        (~130 us per 64x64 sample instead of ~280)."""
+        params = self.random_resized_crop.make_params([image])
+        size = [self.preset.size, self.preset.size]
+        image = F.resized_crop(image, **params, size=size, antialias=True)
+        if self.preset.hflip and not torch.rand(1) >= 0.5:
+            image = image.flip(-1)
+        return normalise(image, self.mean, self.std)
 
     def pad_crop_flip(self, image: torch.Tensor) -> torch.Tensor:
         size, pad = self.preset.size, self.preset.padding

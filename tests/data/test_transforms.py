@@ -65,3 +65,17 @@ def test_eval_equals_v2(name, shape):
 def test_crop_larger_than_padded_image_is_an_error():
     with pytest.raises(ValueError, match="larger than the padded image"):
         TrainTransform(preset=get_preset("cifar10"))(torch.zeros(3, 16, 16, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("name,size,shape", [("webvision", 227, (300, 260, 3)), ("synthetic", 64, (64, 64, 3)),
+                                             ("imagenet", 32, (40, 50, 3))])
+def test_random_resized_crop_equals_v2(name, size, shape):
+    preset = get_preset(name, size)
+    reference = T.Compose([T.PILToTensor(), T.RandomResizedCrop(preset.size, antialias=True), T.RandomHorizontalFlip(),
+                           T.ToDtype(torch.float32, scale=True), T.Normalize(preset.mean, preset.std)])
+    fast = TrainTransform(preset=preset)
+    for seed, image in enumerate(images("RGB", shape, 6)):
+        torch.manual_seed(seed)
+        expected = reference(image)
+        torch.manual_seed(seed)
+        assert torch.equal(fast(image), expected)
