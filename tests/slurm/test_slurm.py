@@ -87,10 +87,13 @@ def test_multinode_job_uses_both_nodes(slurm, digits_shards, tmp_path):
     assert json.loads((run / "final.json").read_text())["world_size"] == 2
 
 
+PREEMPT_EPOCHS = 12  # the signal goes out after epoch 0; the other epochs (~0.5 s each) are the margin
+
+
 def test_preempted_job_checkpoints_requeues_and_finishes(slurm, digits_shards, tmp_path):
     run = tmp_path / "preempt"
     job = sbatch({**slurm, "PROCS_PER_NODE": "2"}, "launch/slurm/train.sbatch", run, "--data", digits_shards,
-                 "--epochs", "6", *TRAIN)
+                 "--epochs", str(PREEMPT_EPOCHS), *TRAIN)
     deadline = time.time() + 300
     while not (run / "summary.csv").is_file():
         assert time.time() < deadline and job_state(slurm, job) in ("PENDING", "RUNNING"), job_log(run)
@@ -101,6 +104,6 @@ def test_preempted_job_checkpoints_requeues_and_finishes(slurm, digits_shards, t
     assert "checkpoint and requeue" in log and "preempted by SIGUSR1" in log and "requeueing job" in log
     assert "resuming from" in log and "(restart 1)" in log
     state = torch.load(run / "last.pt", weights_only=True)
-    assert state["epoch"] == 6 and state["step"] == 0
+    assert state["epoch"] == PREEMPT_EPOCHS and state["step"] == 0
     rows = list(csv.DictReader((run / "summary.csv").open()))
-    assert [int(r["epoch"]) for r in rows] == list(range(6))
+    assert [int(r["epoch"]) for r in rows] == list(range(PREEMPT_EPOCHS))
