@@ -47,6 +47,12 @@ def as_uint8_tensor(image) -> torch.Tensor:
     return image if isinstance(image, torch.Tensor) else F.pil_to_tensor(image)
 
 
+def mean_std(preset: Preset) -> tuple[torch.Tensor, torch.Tensor]:
+    """The preset's normalisation as [C, 1, 1] float32 tensors."""
+    return (torch.as_tensor(preset.mean, dtype=torch.float32).view(-1, 1, 1),
+            torch.as_tensor(preset.std, dtype=torch.float32).view(-1, 1, 1))
+
+
 def normalise(image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 -> float in [0, 1] -> (x - mean) / std: the same arithmetic as v2's ToDtype + Normalize."""
     return image.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
@@ -55,46 +61,34 @@ def normalise(image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tor
 class TrainTransform:
     """Random crop (resized, or padded for small images) + optional flip + normalise.
 
-    Accepts PIL images or uint8 CHW tensors. The padded-crop preset (digits, CIFAR) runs as plain tensor
-    ops with the exact random draws of torchvision's v2 RandomCrop + RandomHorizontalFlip (tested equal):
-    per sample it costs ~15 us instead of ~60-90 us through the v2 Compose, which is most of a tiny
-    model's epoch. The random-resized-crop presets (WebVision, ImageNet-style) call the v2 parameter
-    draw and kernels directly (tested equal), half the cost of the Compose.
+    Accepts PIL images or uint8 CHW tensors, and computes exactly what torchvision's v2 Compose of
+    PILToTensor, the crop, RandomHorizontalFlip, ToDtype and Normalize computes, random draws included
+    (tested equal), without the Compose's per-sample dispatch. The padded/plain random crop (digits,
+    CIFAR; Clothing1M after its resize) is plain tensor indexing: ~15 us per sample instead of ~60-90,
+    which is most of a tiny model's epoch. The random resized crop (WebVision, ImageNet-style) uses v2's
+    own parameter draw and kernel: ~130 us per 64x64 sample instead of ~280.
     """
 
     def __init__(self, *, preset: Preset):
         self.preset = preset
-        self.mean = torch.as_tensor(preset.mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.as_tensor(preset.std, dtype=torch.float32).view(-1, 1, 1)
-        if preset.crop == "random_crop":
-            crop = [T.RandomCrop(preset.size, padding=preset.padding)]
-        elif preset.crop == "resize_random_crop":
-            crop = [T.Resize(preset.resize, antialias=True), T.RandomCrop(preset.size)]
-        else:
-            crop = [T.RandomResizedCrop(preset.size, antialias=True)]
-        self.random_resized_crop = crop[0] if preset.crop == "random_resized" else None
-        flips = [T.RandomHorizontalFlip()] if preset.hflip else []
-        self.transforms = T.Compose([T.PILToTensor(), *crop, *flips, T.ToDtype(torch.float32, scale=True),
-                                     T.Normalize(preset.mean, preset.std)])
+        self.mean, self.std = mean_std(preset)
+        self.random_resized_crop = T.RandomResizedCrop(preset.size, antialias=True)
 
     def __call__(self, image):
-        if self.preset.crop == "random_crop":
-            return self.pad_crop_flip(as_uint8_tensor(image))
-        if self.random_resized_crop is not None:
-            return self.resized_crop_flip(as_uint8_tensor(image))
-        return self.transforms(image)
-
-    def resized_crop_flip(self, image: torch.Tensor) -> torch.Tensor:
-        """v2's RandomResizedCrop + flip with its own parameter draw, minus the Compose dispatch
-        (~130 us per 64x64 sample instead of ~280)."""
-        params = self.random_resized_crop.make_params([image])
-        size = [self.preset.size, self.preset.size]
-        image = F.resized_crop(image, **params, size=size, antialias=True)
-        if self.preset.hflip and not torch.rand(1) >= 0.5:
+        image = as_uint8_tensor(image)
+        if self.preset.crop in ("random_crop", "resize_random_crop"):
+            if self.preset.crop == "resize_random_crop":
+                image = F.resize(image, [self.preset.resize], antialias=True)
+            image = self.pad_and_crop(image)
+        else:
+            params = self.random_resized_crop.make_params([image])
+            image = F.resized_crop(image, **params, size=[self.preset.size, self.preset.size], antialias=True)
+        if self.preset.hflip and not torch.rand(1) >= 0.5:  # v2: no flip when rand >= p
             image = image.flip(-1)
         return normalise(image, self.mean, self.std)
 
-    def pad_crop_flip(self, image: torch.Tensor) -> torch.Tensor:
+    def pad_and_crop(self, image: torch.Tensor) -> torch.Tensor:
+        """v2's RandomCrop(size, padding): zero padding, then top and left drawn in that order."""
         size, pad = self.preset.size, self.preset.padding
         height, width = image.shape[-2] + 2 * pad, image.shape[-1] + 2 * pad
         if height < size or width < size:
@@ -103,10 +97,7 @@ class TrainTransform:
         left = int(torch.randint(0, width - size + 1, size=())) if width > size else 0
         if pad:
             image = torch.nn.functional.pad(image, (pad, pad, pad, pad))
-        image = image[..., top:top + size, left:left + size]
-        if self.preset.hflip and not torch.rand(1) >= 0.5:
-            image = image.flip(-1)
-        return normalise(image, self.mean, self.std)
+        return image[..., top:top + size, left:left + size]
 
 
 class EvalTransform:
@@ -118,8 +109,7 @@ class EvalTransform:
 
     def __init__(self, *, preset: Preset):
         self.preset = preset
-        self.mean = torch.as_tensor(preset.mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.as_tensor(preset.std, dtype=torch.float32).view(-1, 1, 1)
+        self.mean, self.std = mean_std(preset)
 
     def __call__(self, image):
         image = as_uint8_tensor(image)

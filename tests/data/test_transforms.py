@@ -79,3 +79,16 @@ def test_random_resized_crop_equals_v2(name, size, shape):
         expected = reference(image)
         torch.manual_seed(seed)
         assert torch.equal(fast(image), expected)
+
+
+def test_resize_then_random_crop_equals_v2():
+    preset = get_preset("clothing1m")
+    reference = T.Compose([T.PILToTensor(), T.Resize(preset.resize, antialias=True), T.RandomCrop(preset.size),
+                           T.RandomHorizontalFlip(), T.ToDtype(torch.float32, scale=True),
+                           T.Normalize(preset.mean, preset.std)])
+    fast = TrainTransform(preset=preset)
+    for seed, image in enumerate(images("RGB", (300, 260, 3), 4)):
+        torch.manual_seed(seed)
+        expected = reference(image)
+        torch.manual_seed(seed)
+        assert torch.equal(fast(image), expected)
