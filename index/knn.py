@@ -40,16 +40,21 @@ def kmeans_centroids(x: np.ndarray, k: int, faiss_metric, niter: int, seed: int)
     return kmeans.centroids
 
 
+def nearest_centroid(x: np.ndarray, centroids: np.ndarray, faiss_metric) -> np.ndarray:
+    """Position of each row's nearest centroid."""
+    import faiss
+
+    return faiss.knn(x, centroids, 1, metric=faiss_metric)[1][:, 0]
+
+
 def balanced_centroids(x: np.ndarray, nlist: int, faiss_metric, niter: int, seed: int) -> np.ndarray:
     """k-means centroids, then every list holding more than twice the mean list size split by a k-means
     of its own members (list sizes decide the cost of a blocked search: a list of m rows costs ~m^2;
     plain k-means on clustered data left lists 20x the mean and searches 6-12x slower than balanced)."""
-    import faiss
-
     centroids = kmeans_centroids(x, nlist, faiss_metric, niter, seed)
     target = max(len(x) / nlist, 1.0)
     for round_ in range(2):  # a split moves rows between lists: a second round catches what grew
-        lists = faiss.knn(x, centroids, 1, metric=faiss_metric)[1][:, 0]
+        lists = nearest_centroid(x, centroids, faiss_metric)
         out = []
         for c in range(len(centroids)):
             members = np.flatnonzero(lists == c)
@@ -80,11 +85,11 @@ class ClusteredIndex:
                  seed: int = 0):
         import faiss
 
-        n, d = shard.shape
+        n = len(shard)
         self.metric = faiss_metric
-        self.nlist = max(1, min(nlist or int(np.sqrt(n)), n))
-        self.centroids = balanced_centroids(shard, self.nlist, faiss_metric, niter, seed)
-        self.nlist = len(self.centroids)
+        self.centroids = balanced_centroids(shard, max(1, min(nlist or int(np.sqrt(n)), n)), faiss_metric, niter,
+                                            seed)
+        self.nlist = len(self.centroids)  # the balancing splits lists, so more than asked for
         lists = self.nearest_centroid(shard)
         self.order = np.argsort(lists, kind="stable")  # sorted position -> shard position
         self.sorted = np.ascontiguousarray(shard[self.order])
@@ -92,9 +97,7 @@ class ClusteredIndex:
         _, self.probe = faiss.knn(self.centroids, self.centroids, min(nprobe, self.nlist), metric=faiss_metric)
 
     def nearest_centroid(self, x: np.ndarray) -> np.ndarray:
-        import faiss
-
-        return faiss.knn(x, self.centroids, 1, metric=self.metric)[1][:, 0]
+        return nearest_centroid(x, self.centroids, self.metric)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         import faiss
