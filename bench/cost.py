@@ -64,7 +64,6 @@ def train_args(size: str, work: Path, n: int) -> list[str]:
             "--eval_splits", "", "--batch_size", "64"]
 
 
-EXTRA: list[str] = []  # --train-args
 METHOD_ARGS = {"selectmix": ["--method", "selectmix", "--cv_folds", "2", "--cv_epochs", "1"],  # short CV stage, untimed
                "mixnn-refresh2": ["--method", "mixnn", "--refresh_every", "2"]}  # tables refreshed every 2nd epoch
 
@@ -75,7 +74,7 @@ def run(method: str, ranks: int, args: list[str], epochs: int, out: Path) -> lis
                str(REPO / "launch/accelerate/cpu2.yaml")] if ranks == 2 else [sys.executable])
     cmd = [*launch, str(REPO / "train/main.py"), *args, "--epochs", str(epochs),
            "--warmup_epochs", "0", "--correction_epoch", "0", "--eval_every", "1000", "--progress", "false",
-           "--output", str(out), "--run_name", name, *METHOD_ARGS.get(method, ["--method", method]), *EXTRA]
+           "--output", str(out), "--run_name", name, *METHOD_ARGS.get(method, ["--method", method])]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode:
@@ -90,14 +89,14 @@ def mean(rows: list[dict], key: str, missing: float | None = None) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
-def cost_table(sizes, ranks_list, methods, epochs, n, work: Path, repeats: int = 1) -> None:
+def cost_table(sizes, ranks_list, methods, epochs, n, work: Path, repeats: int = 1, extra=()) -> None:
     """Runs every method `repeats` times, interleaved (method order rotates per round) so that slow spells
     of the machine spread over all methods; rows pool the epochs of all runs, and "epoch s" shows the
     spread of the per-run means (± std over runs)."""
     print("| data | ranks | method | epoch s | refresh | GMM | targets | kNN | other | train (data wait) | img/s | "
           "peak MB/rank | x CE |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for size in sizes:
-        args = train_args(size, work, n)
+        args = [*train_args(size, work, n), *extra]  # extra: --train-args, for every run
         for ranks in ranks_list:
             runs = {m: [] for m in methods}
             for r in range(repeats):
@@ -133,7 +132,7 @@ def throughput_table(shards: Path, seconds: float = 10.0) -> None:
         loader = id_loader(ds, [order[i:i + 64] for i in range(0, len(order), 64)], workers)
         print(f"| read by id, random order over {len(ds.shard_paths)} shards | {workers} | "
               f"{rate(loader, seconds):.0f} |", flush=True)
-    cached = ShardDataset(shards / "train", transform)
+    cached = ds.with_transform(transform)  # same tables, its own cache
     cached.cache_decoded(1 << 30)
     for workers in (0, 2):
         loader = id_loader(cached, [order[i:i + 64] for i in range(0, len(order), 64)], workers)
@@ -169,10 +168,8 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("runs/bench-cost"))
     args = p.parse_args()
     args.work = args.work.resolve()
-    global EXTRA
-    EXTRA = args.train_args.split()
     cost_table(args.sizes.split(","), [int(r) for r in args.ranks.split(",")], args.methods.split(","), args.epochs,
-               args.synthetic_n, args.work, args.repeats)
+               args.synthetic_n, args.work, args.repeats, args.train_args.split())
     if args.throughput:
         throughput_table(make_synthetic(args.work / "synthetic", args.synthetic_n))
 

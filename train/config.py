@@ -157,7 +157,9 @@ def load_config(argv: list[str]) -> Config:
 
 
 def check(cfg: Config) -> Config:
-    """Settings that are wrong together."""
+    """Values outside their choices, and settings that are wrong together."""
+    if cfg.cache_images not in ("auto", "true", "false"):
+        raise ConfigError(f"--cache_images must be auto, true or false, got {cfg.cache_images!r}")
     if cfg.refresh_every < 1:
         raise ConfigError(f"--refresh_every must be >= 1, got {cfg.refresh_every}")
     if cfg.refresh_every > 1 and cfg.num_batches > 0:

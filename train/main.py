@@ -108,8 +108,6 @@ def load_data(cfg: Config, accelerator: Accelerator) -> Data:
 
 def cache_images(cfg: Config, datasets: list[ShardDataset]) -> None:
     """Decode small splits into memory once (`cache_images`), in order, within `cache_max_mb` per process."""
-    if cfg.cache_images not in ("auto", "true", "false"):
-        raise ValueError(f"cache_images must be auto, true or false, got {cfg.cache_images!r}")
     if cfg.cache_images == "false":
         return
     budget = (cfg.cache_max_mb << 20) if cfg.cache_images == "auto" else 1 << 62
@@ -168,9 +166,7 @@ def refresh_tables(cfg: Config, epoch: int, model, data: Data, plan, tables: Tab
 
 
 def refresh_due(cfg: Config, epoch: int, tables: Tables) -> bool:
-    """After warm-up, every `refresh_every` epochs (and whenever the tables were never refreshed)."""
-    if epoch < cfg.warmup_epochs:
-        return False
+    """For an epoch after warm-up: every `refresh_every` epochs, and whenever the tables were never refreshed."""
     return tables.clean is None or (epoch - cfg.warmup_epochs) % cfg.refresh_every == 0
 
 
@@ -203,12 +199,12 @@ def run_epoch(cfg: Config, epoch: int, model, optimizer, method, data: Data, tab
     plan = build_epoch_plan(data.train.labels, seed=cfg.seed, epoch=epoch, batch_size=cfg.batch_size,
                             world_size=world, num_batches=cfg.num_batches, subset=subset)
     metrics = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-    if method.name == "mixnn" and start_step == 0 and refresh_due(cfg, epoch, tables):
+    if epoch < cfg.warmup_epochs:
+        method = CrossEntropy()
+    elif method.name == "mixnn" and start_step == 0 and refresh_due(cfg, epoch, tables):
         metrics.update(refresh_tables(cfg, epoch, model, data, plan, tables, accelerator))
         check_tables_identical(tables)
         metrics["tables_checked_ranks"] = world
-    elif epoch < cfg.warmup_epochs or method.name != "mixnn":
-        method = CrossEntropy() if epoch < cfg.warmup_epochs else method
     seed = (cfg.seed * 1_000_003 + epoch) * 1009 + rank
     batches = train_batches(cfg, epoch, plan, method, tables, rank)[start_step:]
     loader = id_loader(data.train, batches, cfg.workers, seed + start_step)

@@ -41,3 +41,5 @@ def test_settings_wrong_together_are_rejected():
         load_config(["--refresh_every", "2", "--num_batches", "10"])
     with pytest.raises(ConfigError, match=">= 1"):
         load_config(["--refresh_every", "0"])
+    with pytest.raises(ConfigError, match="auto, true or false"):
+        load_config(["--cache_images", "yes"])
