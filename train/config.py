@@ -168,6 +168,11 @@ def check(cfg: Config) -> Config:
     return cfg
 
 
+def config_of_checkpoint(state: dict) -> Config:
+    """The run's configuration as saved in a checkpoint (keys this version no longer knows are dropped)."""
+    return Config(**{k: v for k, v in state["config"].items() if k in Config.__dataclass_fields__})
+
+
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved configuration (`config.yaml` in the run folder) so the run can be repeated."""
     path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))

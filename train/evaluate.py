@@ -26,7 +26,7 @@ from data.shards import read_manifest
 from data.transforms import EvalTransform, get_preset
 
 from .checkpoint import find_checkpoint, load_checkpoint
-from .config import Config
+from .config import config_of_checkpoint
 from .loop import evaluate
 from .models import create_model
 
@@ -35,7 +35,7 @@ def evaluate_checkpoint(run: Path, checkpoint: str, splits: list[Path], accelera
                         workers: int) -> dict:
     """{split path: {top1, top5, evaluated, skipped}} for the checkpoint's model."""
     state = load_checkpoint(find_checkpoint(run, checkpoint))
-    cfg = Config(**{k: v for k, v in state["config"].items() if k in Config.__dataclass_fields__})
+    cfg = config_of_checkpoint(state)
     preset = get_preset(cfg.dataset, cfg.image_size or None)
     num_classes = state["targets"]["num_classes"]
     model = create_model(cfg.model, num_classes, 1 if preset.mode == "L" else 3, channels_last=cfg.channels_last)

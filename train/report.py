@@ -105,7 +105,7 @@ def tables_from_checkpoint(state: dict, train: ShardDataset) -> Tables:
 
 def main(argv=None) -> int:
     from data.shards import read_manifest
-    from .config import Config
+    from .config import config_of_checkpoint
     from .main import data_root
 
     p = argparse.ArgumentParser(prog="python -m train.report", description=__doc__)
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", default="last", help="last | best | a checkpoint path")
     args = p.parse_args(argv)
     state = load_checkpoint(find_checkpoint(args.run, args.checkpoint))
-    cfg = Config(**{k: v for k, v in state["config"].items() if k in Config.__dataclass_fields__})
+    cfg = config_of_checkpoint(state)
     root = data_root(cfg)
     train = ShardDataset(root / cfg.train_split)
     write_report(args.run, train, tables_from_checkpoint(state, train), read_manifest(root)["class_names"])
