@@ -1,7 +1,7 @@
 """SelectMix: cross-validated confidence mismatch picks the uncertain samples; only they are mixed,
 each with a confident sample of its likely class, under soft labels.
 
-Stage 1 (`cross_validated_probs`): split the training ids into K stratified folds, train one model per
+Stage 1 (`train.main.selectmix_stage`): split the training ids into K stratified folds, train one model per
 fold on the other K-1 folds (the same epoch machinery), predict the held-out fold -> out-of-sample
 softmax for every sample. Each finished fold is saved (`RUN/selectmix/fold-k.npz`) and not retrained
 after a crash. Stage 2 (`SelectMix`, a method object): uncertain samples are mixed with a confident
@@ -83,12 +83,12 @@ class SelectMix(CrossEntropy):
         images, ids, valid = group_rows(batch, 1)
         images, ids = images[valid], ids[valid].cpu()
         anchors, partners = ids[:, 0], ids[:, 1]
-        mixed = torch.from_numpy(self.uncertain[anchors.numpy()]) & (anchors != partners)
+        uncertain = torch.from_numpy(self.uncertain[anchors.numpy()])
+        mixed = uncertain & (anchors != partners)
         lam = torch.distributions.Beta(self.alpha, self.alpha).sample((len(ids),)) if self.alpha > 0 \
             else torch.full((len(ids),), 0.5)
         lam = torch.where(mixed, torch.maximum(lam, 1 - lam), torch.ones_like(lam))  # the anchor dominates
         num_classes = self.oos.shape[1]
-        uncertain = torch.from_numpy(self.uncertain[anchors.numpy()])
         # an uncertain sample never trains on its given label: its own part is the out-of-sample soft label
         own = torch.where(uncertain[:, None], torch.from_numpy(self.oos[anchors.numpy()]),
                           tables.targets.rows(anchors))
