@@ -115,6 +115,21 @@ def make_cifar100(root: Path) -> None:
     (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}))
 
 
+def accelerate_cmd(script: str, *args, processes: int = 2) -> list[str]:
+    """`accelerate launch` of a repository script on CPU: 2 gloo ranks (launch/accelerate/cpu2.yaml) or 1."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if processes == 2:
+        cmd += ["--config_file", str(REPO / "launch" / "accelerate" / "cpu2.yaml")]
+    else:
+        cmd += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [*cmd, str(REPO / script), *map(str, args)]
+
+
+def cpu_env() -> dict:
+    """The environment of a CPU launch: Accelerate on CPU, one OpenMP thread per rank."""
+    return {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+
+
 def run_module(*args, env=None, cwd=REPO, timeout=600) -> subprocess.CompletedProcess:
     """Run `python -m ...` in a subprocess, capturing output."""
     return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=cwd, capture_output=True, text=True,

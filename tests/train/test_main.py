@@ -1,27 +1,20 @@
 """End to end through `accelerate launch` on 2 CPU ranks (gloo): tables, checkpoints, resume, TensorBoard."""
 import csv
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, accelerate_cmd, cpu_env
 
 ARGS = ["--epochs", "4", "--warmup_epochs", "1", "--correction_epoch", "2", "--progress", "false",
         "--eval_every", "2"]
 
 
 def launch(tmp, *args, processes=2):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    if processes == 2:
-        cmd += ["--config_file", str(REPO / "launch" / "accelerate" / "cpu2.yaml")]
-    else:
-        cmd += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd += [str(REPO / "train" / "main.py"), "--output", str(tmp / "runs"), *map(str, args)]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=600, env=env)
+    cmd = accelerate_cmd("train/main.py", "--output", tmp / "runs", *args, processes=processes)
+    result = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=600, env=cpu_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
@@ -105,11 +98,8 @@ def test_report_rows_match_the_run_tables_and_reproduce_from_checkpoint(full_run
 
 def test_standalone_evaluate_matches_the_run(full_run, digits_shards, tmp_path):
     run, _ = full_run
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "launch" / "accelerate" / "cpu2.yaml"), str(REPO / "train" / "evaluate.py"),
-           "--run", str(run), "--checkpoint", "last", "--split", str(digits_shards / "test")]
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "ACCELERATE_USE_CPU": "true"})
+    cmd = accelerate_cmd("train/evaluate.py", "--run", run, "--checkpoint", "last", "--split", digits_shards / "test")
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=cpu_env())
     assert result.returncode == 0, result.stderr[-3000:]
     evaluation = json.loads((run / "eval.json").read_text())["results"][str(digits_shards / "test")]
     final = json.loads((run / "final.json").read_text())

@@ -4,12 +4,11 @@ import csv
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
-from conftest import REPO
+from conftest import accelerate_cmd, cpu_env
 
 EPOCHS = 10  # the signal goes out after epoch 0: the other epochs (~0.5 s each) are the margin
 ARGS = ["--epochs", str(EPOCHS), "--warmup_epochs", "1", "--correction_epoch", "2", "--progress", "false",
@@ -17,13 +16,7 @@ ARGS = ["--epochs", str(EPOCHS), "--warmup_epochs", "1", "--correction_epoch", "
 
 
 def launch_cmd(tmp, *args):
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(REPO / "launch" / "accelerate" / "cpu2.yaml"), str(REPO / "train" / "main.py"),
-            "--output", str(tmp / "runs"), *map(str, args)]
-
-
-def env():
-    return {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    return accelerate_cmd("train/main.py", "--output", tmp / "runs", *args)
 
 
 def rank_pids(parent: int) -> list[int]:
@@ -62,11 +55,11 @@ def wait_for_ranks(parent: int, n: int, timeout: float = 60) -> list[int]:
 
 def test_signal_stops_mid_epoch_and_resume_matches(tmp_path, digits_shards):
     reference = subprocess.run(launch_cmd(tmp_path, "--data", digits_shards, "--run_name", "ref", *ARGS),
-                               capture_output=True, text=True, timeout=600, env=env(), cwd=tmp_path)
+                               capture_output=True, text=True, timeout=600, env=cpu_env(), cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
     run = tmp_path / "runs" / "pre"
     proc = subprocess.Popen(launch_cmd(tmp_path, "--data", digits_shards, "--run_name", "pre", *ARGS),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=tmp_path)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env(), cwd=tmp_path)
     deadline = time.time() + 300
     while time.time() < deadline and not (run / "summary.csv").is_file():
         time.sleep(0.2)
@@ -80,7 +73,7 @@ def test_signal_stops_mid_epoch_and_resume_matches(tmp_path, digits_shards):
     stopped_epoch = state["epoch"]
     assert stopped_epoch < EPOCHS and state["step"] >= 1  # a mid-epoch checkpoint
     resumed = subprocess.run(launch_cmd(tmp_path, "--resume", run), capture_output=True, text=True, timeout=600,
-                             env=env(), cwd=tmp_path)
+                             env=cpu_env(), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final = torch.load(run / "last.pt", weights_only=True)
     expected = torch.load(tmp_path / "runs" / "ref" / "last.pt", weights_only=True)
