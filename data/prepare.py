@@ -1,6 +1,7 @@
 """`python -m data.prepare <dataset> --root RAW --out SHARDS [options]`: real data sets -> shards.
 
-Data sets: clothing1m, webvision, ilsvrc12-val, cifar10, cifar100, folder, digits (needs no --root).
+Data sets: clothing1m, webvision, ilsvrc12-val, cifar10, cifar100, fashion-mnist, mnist, folder,
+digits (needs no --root).
 """
 from __future__ import annotations
 
@@ -12,11 +13,21 @@ from pathlib import Path
 import numpy as np
 
 from . import sources
-from .noise import apply_noise, parse_noise
+from .noise import apply_noise, parse_noise, transition_matrix
 from .shards import write_manifest, write_split
 
 logger = logging.getLogger("data.prepare")
-DATASETS = ("clothing1m", "webvision", "ilsvrc12-val", "cifar10", "cifar100", "folder", "digits")
+DATASETS = ("clothing1m", "webvision", "ilsvrc12-val", "cifar10", "cifar100", "fashion-mnist", "mnist", "folder",
+            "digits")
+INSTANCE_SIDE = 32  # instance noise projects pixels of images resized to at most this side
+
+
+EMPTY_HINTS = {
+    "ilsvrc12-val": "--root must hold the 50,000 val images (wnid folders, or flat with LOC_val_solution.csv or "
+                    "--devkit), or be the ImageNet root with val/ inside; --num-classes/--synsets keep only "
+                    "the WebVision classes",
+    "folder": "--root must hold <class name>/<image files>",
+}
 
 
 class TooManySkipped(RuntimeError):
@@ -46,7 +57,35 @@ def read_source(args) -> sources.Source:
                                          Path(args.devkit) if args.devkit else None)
     if args.dataset in ("cifar10", "cifar100"):
         return sources.read_cifar(root, 10 if args.dataset == "cifar10" else 100)
+    if args.dataset in ("fashion-mnist", "mnist"):
+        return sources.read_mnist_format(root, args.dataset)
     return sources.read_folder(root, args.folder_split)
+
+
+def instance_features(records: list[sources.Record]) -> np.ndarray:
+    """[n, d] normalised pixels for instance-dependent noise: every image decoded in the first image's mode
+    (L or RGB) at the first image's size (or INSTANCE_SIDE square when that is larger), scaled to [0, 1]
+    and standardised per channel over the split."""
+    import io
+
+    from PIL import Image
+
+    def load(r):
+        with Image.open(io.BytesIO(sources.file_bytes(r))) as img:
+            return img.convert("L" if img.mode in ("L", "1") else "RGB")
+
+    first = load(records[0])
+    mode = first.mode
+    size = first.size if max(first.size) <= INSTANCE_SIDE else (INSTANCE_SIDE, INSTANCE_SIDE)
+    channels = 1 if mode == "L" else 3
+    pixels = np.empty((len(records), size[0] * size[1], channels), dtype=np.float32)
+    for i, r in enumerate(records):
+        img = load(r).convert(mode)
+        if img.size != size:
+            img = img.resize(size, Image.BILINEAR)
+        pixels[i] = np.asarray(img, dtype=np.float32).reshape(-1, channels) / 255.0
+    mean, std = pixels.mean((0, 1)), pixels.std((0, 1)) + 1e-6
+    return ((pixels - mean) / std).reshape(len(records), -1)
 
 
 def add_noise(source: sources.Source, spec_text: str | None, seed: int) -> dict:
@@ -57,19 +96,48 @@ def add_noise(source: sources.Source, spec_text: str | None, seed: int) -> dict:
     records = source.splits["train"]
     clean = np.array([r.label for r in records])
     groups = np.array([r.group for r in records])
-    noisy = apply_noise(clean, len(source.class_names), spec, seed, source.name, groups)
+    features = instance_features(records) if spec.kind == "instance" else None
+    noisy = apply_noise(clean, len(source.class_names), spec, seed, source.name, groups, features)
     for r, c, y in zip(records, clean, noisy):
         r.true_label, r.label = int(c), int(y)
-    return {"noise": {"spec": str(spec), "seed": seed, "split": "train"}}
+    info = {"spec": str(spec), "seed": seed, "split": "train", "realised_rate": float((noisy != clean).mean())}
+    if len(source.class_names) <= 100:
+        info["transition_matrix"] = transition_matrix(clean, noisy, len(source.class_names))
+    return {"noise": info}
+
+
+def carve_val(source: sources.Source, fraction: float, seed: int) -> dict:
+    """Move a split `val`, stratified by the given (noisy) label, out of train: it keeps its noisy labels
+    (a user has no clean ones) and its true labels (for metrics). Deterministic in `seed`."""
+    if not fraction:
+        return {}
+    if not 0 < fraction < 1 or "train" not in source.splits:
+        raise ValueError(f"--val-fraction {fraction}: needs 0 < F < 1 and a train split")
+    if "val" in source.splits:
+        raise ValueError(f"--val-fraction: {source.name} already has a val split")
+    records = source.splits["train"]
+    labels = np.array([r.label for r in records])
+    rng = np.random.default_rng([seed, 11])
+    val = np.zeros(len(records), dtype=bool)
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        val[members[:int(round(fraction * len(members)))]] = True
+    source.splits["train"] = [r for r, v in zip(records, val) if not v]
+    source.splits["val"] = [r for r, v in zip(records, val) if v]
+    return {"val_split": {"fraction": fraction, "seed": seed, "from": "train", "stratified_by": "given label"}}
 
 
 def prepare(args) -> dict:
     """Read, optionally corrupt, and write every split; returns the per-split manifest entries."""
     source = read_source(args)
     extra = {**source.extra, **add_noise(source, args.noise, args.seed)}
+    extra.update(carve_val(source, args.val_fraction, args.seed))
     out = Path(args.out)
     results = {}
     for split, records in source.splits.items():
+        if not records:
+            raise sources.AnnotationError(f"{source.name}: split {split!r} would be written with 0 samples "
+                                          f"(looked in {args.root or 'the built-in set'}); {EMPTY_HINTS.get(args.dataset, 'check --root')}")
         entry = write_split(records, out / split, resize=args.resize, workers=args.workers,
                             maxcount=args.shard_size)
         results[split] = entry
@@ -93,8 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", choices=DATASETS)
     p.add_argument("--root", help="the data set's folder as downloaded (not needed for digits)")
     p.add_argument("--out", required=True, help="output folder: OUT/<split>/shard-*.tar + OUT/dataset.json")
-    p.add_argument("--noise", help="synthetic noise on train: symmetric:R | asymmetric:R | pairflip:R")
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--noise", help="synthetic noise on train: symmetric:R | asymmetric:R | pairflip:R | instance:R")
+    p.add_argument("--seed", type=int, default=0, help="noise (and val split) seed")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="carve a split 'val' of this fraction out of train, stratified by the given label, "
+                        "keeping its noisy labels (select checkpoints on it: select_split val)")
     p.add_argument("--resize", type=int, help="shrink images so the shorter side is at most this (re-encodes JPEG)")
     p.add_argument("--splits", help="comma-separated subset of splits to write (default: all)")
     p.add_argument("--subset", default="mini", help="webvision: mini (50 classes, Google) or full")

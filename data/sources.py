@@ -231,11 +231,20 @@ def loc_solution_wnids(path: Path) -> dict[str, str]:
     return out
 
 
+def val_folder(root: Path) -> Path:
+    """The folder of the val images: `root` itself, or `root/val` when given the ImageNet root (as
+    torchvision's `ImageNet(root, split="val")` takes it); LOC_val_solution.csv is then found at the root."""
+    own = any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir()) or any(
+        d.is_dir() and re.fullmatch(r"n\d{8}", d.name) for d in root.iterdir())
+    return root / "val" if not own and (root / "val").is_dir() else root
+
+
 def read_ilsvrc12_val(root: Path, synsets: Path, num_classes: int = 1000, solution: Path | None = None,
                       devkit: Path | None = None) -> Source:
     """ILSVRC12 val in any of its three layouts, labelled with WebVision class ids (synsets line c)."""
     wnids, names = read_synsets(synsets)
     class_of = {w: c for c, w in enumerate(wnids[:num_classes])}
+    root = val_folder(root)
     wnid_dirs = [d for d in sorted(root.iterdir()) if d.is_dir() and re.fullmatch(r"n\d{8}", d.name)]
     if wnid_dirs:
         layout = "wnid-folders"
@@ -315,6 +324,67 @@ def read_cifar(root: Path, num_classes: int) -> Source:
         train = cifar_records(load_cifar_batch(folder / "train"), "fine_labels", "train")
         test = cifar_records(load_cifar_batch(folder / "test"), "fine_labels", "test")
     return Source(f"cifar{num_classes}", names, {"train": train, "test": test})
+
+
+# ----------------------------------------------------------------------------- MNIST-format IDX files
+
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot"]
+IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}  # unsigned byte, 3 dims / 1 dim
+
+
+def idx_file(root: Path, stem: str) -> Path:
+    """`root/stem` or `root/stem.gz` (the Debian package and the original site ship the .gz)."""
+    for path in (root / stem, root / f"{stem}.gz"):
+        if path.is_file():
+            return path
+    raise AnnotationError(f"{root / stem}[.gz]: not found; point --root at the folder holding the four IDX files "
+                          "(Debian: apt-get install dataset-fashion-mnist -> /usr/share/datasets/fashion-mnist)")
+
+
+def read_idx(path: Path, kind: str) -> np.ndarray:
+    """One IDX file (gzip or not) as uint8 [n, 28, 28] images or [n] labels; checks magic and size."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # a truncated .gz fails while inflating
+        raise AnnotationError(f"{path}: cannot read ({type(e).__name__}: {e}); the file is damaged or truncated") from None
+    ndim = 3 if kind == "images" else 1
+    if len(raw) < 4 + 4 * ndim:
+        raise AnnotationError(f"{path}: {len(raw)} bytes is too short for an IDX {kind} header")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != IDX_MAGIC[kind]:
+        raise AnnotationError(f"{path}: magic number {magic:#010x}, expected {IDX_MAGIC[kind]:#010x} for IDX "
+                              f"{kind}; is this the right file?")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    body = raw[4 + 4 * ndim:]
+    expected = int(np.prod(dims))
+    if len(body) != expected:
+        raise AnnotationError(f"{path}: header says {' x '.join(map(str, dims))} = {expected} bytes of data, "
+                              f"found {len(body)}; the file is truncated or damaged")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+def read_idx_split(root: Path, prefix: str, num_classes: int) -> list[Record]:
+    """`<prefix>-images-idx3-ubyte` + `<prefix>-labels-idx1-ubyte` -> PNG records keyed `<prefix>/<index>`."""
+    images = read_idx(idx_file(root, f"{prefix}-images-idx3-ubyte"), "images")
+    label_path = idx_file(root, f"{prefix}-labels-idx1-ubyte")
+    labels = read_idx(label_path, "labels")
+    if len(images) != len(labels):
+        raise AnnotationError(f"{label_path}: {len(labels)} labels for {len(images)} images in "
+                              f"{prefix}-images-idx3-ubyte")
+    if len(labels) and labels.max() >= num_classes:
+        raise AnnotationError(f"{label_path}: label {int(labels.max())} out of range 0..{num_classes - 1}")
+    return [Record(f"{prefix}/{i}", int(y), int(y), image=encode_png(images[i])) for i, y in enumerate(labels)]
+
+
+def read_mnist_format(root: Path, name: str) -> Source:
+    """Fashion-MNIST or MNIST from the four standard IDX files: train (60,000) and test (t10k, 10,000)."""
+    names = FASHION_MNIST_CLASSES if name == "fashion-mnist" else [str(c) for c in range(10)]
+    return Source(name, names, {"train": read_idx_split(root, "train", 10), "test": read_idx_split(root, "t10k", 10)})
 
 
 def read_folder(root: Path, split: str = "train") -> Source:

@@ -25,6 +25,9 @@ class Preset:
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 PRESETS = {
     "digits": Preset(8, 8, (0.31,), (0.37,), crop="random_crop", padding=1, hflip=False, mode="L"),
+    # 28x28 grey; clothes are left-right symmetric, digits are not
+    "fashion-mnist": Preset(28, 28, (0.2860,), (0.3530,), crop="random_crop", padding=2, mode="L"),
+    "mnist": Preset(28, 28, (0.1307,), (0.3081,), crop="random_crop", padding=2, hflip=False, mode="L"),
     "cifar10": Preset(32, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), crop="random_crop", padding=4),
     "cifar100": Preset(32, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), crop="random_crop", padding=4),
     "clothing1m": Preset(224, 256, (0.6959, 0.6537, 0.6371), (0.3113, 0.3192, 0.3214), crop="resize_random_crop"),
