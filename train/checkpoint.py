@@ -5,11 +5,16 @@ Layout in the run folder: `checkpoints/epoch-XXXX.pt` (the newest `keep` are kep
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
 
 import torch
+
+from index.comm import all_gather_rows
+
+from .methods import Tables
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -60,3 +65,31 @@ def find_checkpoint(run_dir: Path, which: str = "last") -> Path:
     if which in ("last", "best"):
         return Path(run_dir) / f"{which}.pt"
     return Path(which)
+
+
+def checkpoint_state(cfg, epoch, model, optimizer, scheduler, tables, best, accelerator, step=None) -> dict:
+    """Everything a resumed run needs; every rank's RNG state is gathered into the one file.
+    `epoch`/`step` name where to continue: step 0 of the next epoch, or mid-epoch after a preemption."""
+    rng = all_gather_rows(torch.get_rng_state().numpy()[None])
+    return {"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": epoch + 1 if step is None else epoch,
+            "step": step or 0, "targets": tables.targets.state_dict(),
+            "clean": None if tables.clean is None else torch.from_numpy(tables.clean),
+            "partners": None if tables.partners is None else torch.from_numpy(tables.partners),
+            "loss_history": None if tables.loss_history is None else torch.from_numpy(tables.loss_history),
+            "rng": [torch.from_numpy(r[0]) for r in rng], "best": best, "config": dataclasses.asdict(cfg)}
+
+
+def restore(state: dict, model, optimizer, scheduler, tables: Tables, accelerator) -> tuple[int, int, dict]:
+    """Load a checkpoint into the live objects; returns (epoch, step to continue at, best record)."""
+    accelerator.unwrap_model(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    tables.targets.load_state_dict(state["targets"])
+    tables.clean = None if state["clean"] is None else state["clean"].numpy()
+    tables.partners = None if state["partners"] is None else state["partners"].numpy()
+    history = state.get("loss_history")
+    tables.loss_history = None if history is None else history.numpy()
+    if len(state["rng"]) == accelerator.num_processes:
+        torch.set_rng_state(state["rng"][accelerator.process_index])
+    return state["epoch"], state.get("step", 0), state["best"]

@@ -1,4 +1,4 @@
-"""The epoch: refresh pass, tables (GMM, kNN, soft targets), training pass, evaluation."""
+"""The passes over data: refresh (eval-mode forward by id), the training pass, distributed evaluation."""
 from __future__ import annotations
 
 import sys
@@ -10,9 +10,7 @@ import torch
 from tqdm import tqdm
 
 from data.reader import ShardDataset, id_loader
-from index.comm import all_gather_rows, broadcast_array
-from index.gmm import CleanFit, clean_probability
-from index.knn import knn_with_recall
+from index.comm import all_gather_rows
 
 from .methods import Tables, soft_cross_entropy
 from .metrics import topk_correct
@@ -38,6 +36,11 @@ def batched(ids: np.ndarray, size: int) -> list[np.ndarray]:
     return [ids[i:i + size] for i in range(0, len(ids), size)]
 
 
+def eval_batch_size(cfg, accelerator) -> int:
+    """Per-rank batch of the forward-only passes (refresh, evaluation): twice the training share."""
+    return max(cfg.batch_size // accelerator.num_processes, 1) * 2
+
+
 @torch.no_grad()
 def refresh(model, dataset: ShardDataset, ids: np.ndarray, accelerator, batch_size: int, workers: int,
             progress: bool = False) -> RefreshStats:
@@ -59,59 +62,6 @@ def refresh(model, dataset: ShardDataset, ids: np.ndarray, accelerator, batch_si
         return RefreshStats(empty, np.zeros((0, model.get_classifier().out_features), np.float32),
                             np.zeros((0, model.num_features), np.float32))
     return RefreshStats(np.concatenate(out_ids), np.concatenate(probs), np.concatenate(embeddings))
-
-
-def per_sample_loss(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Cross-entropy -log p[label] of each row."""
-    return -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
-
-
-def windowed_losses(history: np.ndarray | None, losses: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
-    """Push this refresh's losses into the [W, N] history; return (history, per-sample mean over it).
-
-    Samples absent from a refresh (NaN) are averaged over the refreshes that saw them.
-    """
-    if window <= 1:
-        return None, losses
-    if history is None:
-        history = np.full((window, len(losses)), np.nan, dtype=np.float32)
-    history = np.concatenate([history[1:], losses[None].astype(np.float32)])
-    seen = ~np.isnan(history)
-    mean = np.where(seen.any(0), np.nansum(history, 0) / np.maximum(seen.sum(0), 1), np.nan)
-    return history, mean.astype(np.float32)
-
-
-def fit_clean(losses: np.ndarray, seed: int, is_main: bool) -> tuple[np.ndarray, CleanFit | None]:
-    """GMM on rank 0, clean probabilities broadcast (NaN losses: never refreshed -> probability 0)."""
-    fit = None
-    prob = None
-    if is_main:
-        seen = ~np.isnan(losses)
-        fit = clean_probability(losses[seen], seed=seed)
-        prob = np.zeros(len(losses), np.float32)
-        prob[seen] = fit.prob
-    return broadcast_array(prob, src=0), fit
-
-
-def neighbour_table(stats: RefreshStats, num_samples: int, cfg) -> tuple[np.ndarray, float | None]:
-    """[N, k] neighbour ids (-1 for ids outside the epoch) via the sharded search, and the recall@k of
-    an approximate index against exact search on sampled queries (None when exact)."""
-    query_ids, neighbours, recall = knn_with_recall(
-        stats.embeddings, stats.ids, cfg.k, index=cfg.knn_index, metric=cfg.metric,
-        recall_queries=cfg.recall_queries, transfer_dtype=np.dtype(cfg.embed_transfer),
-        hnsw_m=cfg.hnsw_m, hnsw_ef=cfg.hnsw_ef, ivf_nprobe=cfg.ivf_nprobe,
-        clustered_nprobe=cfg.clustered_nprobe)
-    table = np.full((num_samples, cfg.k), -1, dtype=np.int64)
-    table[query_ids] = neighbours
-    return table, recall
-
-
-def update_targets(tables: Tables, stats: RefreshStats, momentum: float) -> None:
-    """Eq. 12 on this rank's rows, then every rank writes every rank's new rows (identical tables)."""
-    rows = tables.targets.ema_rows(stats.ids, torch.from_numpy(stats.probs), momentum).numpy()
-    all_ids = np.concatenate(all_gather_rows(stats.ids))
-    all_rows = np.concatenate(all_gather_rows(rows.astype(np.float32)))
-    tables.targets.assign(all_ids, torch.from_numpy(all_rows))
 
 
 def zero_loss_step(model, shape, accelerator) -> torch.Tensor:

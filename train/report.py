@@ -106,7 +106,7 @@ def tables_from_checkpoint(state: dict, train: ShardDataset) -> Tables:
 def main(argv=None) -> int:
     from data.shards import read_manifest
     from .config import config_of_checkpoint
-    from .main import data_root
+    from .dataset import data_root
 
     p = argparse.ArgumentParser(prog="python -m train.report", description=__doc__)
     p.add_argument("--run", required=True, type=Path)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from train.loop import summarise_eval
-from train.main import update_best
+from train.epoch import update_best
 from train.metrics import noise_detection, topk_correct
 
 

@@ -115,7 +115,7 @@ def test_in_batch_scope_mixes_with_the_nearest_sample_of_the_batch():
 
 
 def test_gmm_loss_window_averages_the_last_refreshes():
-    from train.loop import windowed_losses
+    from train.tables import windowed_losses
 
     history, mean = windowed_losses(None, np.array([1.0, np.nan, 3.0]), 2)
     assert np.allclose(mean[[0, 2]], [1.0, 3.0]) and np.isnan(mean[1])

@@ -7,7 +7,7 @@ import torch
 from conftest import REPO
 
 from train.methods import Tables
-from train.selectmix import SelectMix, split_uncertain, stratified_folds
+from train.methods.selectmix import SelectMix, split_uncertain, stratified_folds
 from train.targets import SoftTargets
 
 

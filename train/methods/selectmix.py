@@ -1,7 +1,7 @@
 """SelectMix: cross-validated confidence mismatch picks the uncertain samples; only they are mixed,
 each with a confident sample of its likely class, under soft labels.
 
-Stage 1 (`train.main.selectmix_stage`): split the training ids into K stratified folds, train one model per
+Stage 1 (`train.crossval.out_of_sample_probabilities`): split the training ids into K stratified folds, train one model per
 fold on the other K-1 folds (the same epoch machinery), predict the held-out fold -> out-of-sample
 softmax for every sample. Each finished fold is saved (`RUN/selectmix/fold-k.npz`) and not retrained
 after a crash. Stage 2 (`SelectMix`, a method object): uncertain samples are mixed with a confident
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .methods import CrossEntropy, Tables, group_rows
+from .base import CrossEntropy, Tables, group_rows
 
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -69,6 +69,9 @@ class SelectMix(CrossEntropy):
         self.pools = {c: np.flatnonzero(self.confident & (labels == c)) for c in np.unique(labels)}
         self.pools = {c: pool if len(pool) else np.flatnonzero(agree & (labels == c)) for c, pool in self.pools.items()}
         self.likely = pred
+
+    def epoch_metrics(self, true_labels):
+        return uncertainty_metrics(self, true_labels)
 
     def partner_ids(self, anchors, tables, epoch_ids, rng):
         """An uncertain anchor gets a random confident sample of its predicted class; others themselves."""

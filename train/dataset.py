@@ -1,0 +1,72 @@
+"""The prepared data set of a run: shards folder, manifest, training views and eval splits."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+
+from data.reader import ShardDataset
+from data.shards import read_manifest
+from data.transforms import EvalTransform, TrainTransform, get_preset
+
+from .config import Config
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class Data:
+    """The prepared data set: manifest, training split (augmenting and plain views), eval splits."""
+
+    root: Path
+    manifest: dict
+    train: ShardDataset  # train transform
+    train_plain: ShardDataset  # eval transform, for the refresh pass
+    evals: dict  # split name -> ShardDataset
+    input_shape: tuple
+
+
+def data_root(cfg: Config) -> Path:
+    return Path(cfg.data or f"shards/{cfg.dataset}-{cfg.noise.replace(':', '')}-s{cfg.noise_seed}")
+
+
+def ensure_prepared(cfg: Config, accelerator: Accelerator) -> Path:
+    """Prepare the built-in digits set on first use (main process; the others wait)."""
+    root = data_root(cfg)
+    if accelerator.is_main_process and not (root / "dataset.json").is_file():
+        if cfg.dataset != "digits":
+            raise FileNotFoundError(f"{root}/dataset.json not found: prepare the data with "
+                                    f"`python -m data.prepare {cfg.dataset} --root RAW --out {root}`")
+        from data.prepare import build_parser, prepare
+
+        logger.info("preparing digits with %s noise into %s", cfg.noise, root)
+        prepare(build_parser().parse_args(["digits", "--out", str(root), "--noise", cfg.noise,
+                                           "--seed", str(cfg.noise_seed)]))
+    accelerator.wait_for_everyone()
+    return root
+
+
+def load_data(cfg: Config, accelerator: Accelerator) -> Data:
+    root = ensure_prepared(cfg, accelerator)
+    manifest = read_manifest(root)
+    preset = get_preset(cfg.dataset, cfg.image_size or None)
+    train = ShardDataset(root / cfg.train_split, TrainTransform(preset=preset), preset.mode)
+    evals = {s: ShardDataset(root / s, EvalTransform(preset=preset), preset.mode) for s in cfg.eval_splits}
+    cache_images(cfg, [train, *evals.values()])
+    plain = train.with_transform(EvalTransform(preset=preset))  # shares the cache
+    return Data(root, manifest, train, plain, evals, (1 if preset.mode == "L" else 3, preset.size, preset.size))
+
+
+def cache_images(cfg: Config, datasets: list[ShardDataset]) -> None:
+    """Decode small splits into memory once (`cache_images`), in order, within `cache_max_mb` per process."""
+    if cfg.cache_images == "false":
+        return
+    budget = (cfg.cache_max_mb << 20) if cfg.cache_images == "auto" else 1 << 62
+    for ds in datasets:
+        if ds.cache_decoded(budget):
+            budget -= ds.cache_bytes
+        else:
+            logger.info("%s: not cached (decoded images would exceed cache_max_mb=%d)", ds.split_dir,
+                        cfg.cache_max_mb)

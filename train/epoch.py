@@ -1,0 +1,81 @@
+"""One epoch of Algorithm 1 for every method: plan, refresh of the tables, training pass, evaluation."""
+from __future__ import annotations
+
+import resource
+import time
+
+import numpy as np
+
+from data.plan import build_epoch_plan, epoch_rng
+from data.reader import id_loader
+from index.comm import all_gather_rows
+
+from .config import Config
+from .dataset import Data
+from .loop import eval_batch_size, evaluate, train_one_epoch
+from .methods import CrossEntropy, Tables
+from .tables import check_tables_identical, refresh_due, refresh_tables, table_metrics
+
+
+def train_batches(cfg, epoch, plan, method, tables, rank) -> list[np.ndarray]:
+    """Per step: this rank's anchor ids followed by their partners' ids (read together, prefetched)."""
+    rng = epoch_rng(cfg.seed, epoch, stream=2 + rank)
+    out = []
+    for anchors in plan.batches(rank):
+        partners = method.partner_ids(anchors, tables, plan.unique_ids, rng)
+        out.append(np.concatenate([anchors, partners.T.reshape(-1)]))
+    return out
+
+
+def run_epoch(cfg: Config, epoch: int, model, optimizer, method, data: Data, tables: Tables, accelerator,
+              stop=None, start_step: int = 0, subset=None) -> dict:
+    """One epoch of Algorithm 1 (warm-up epochs: plain cross-entropy, no refresh). A run resumed
+    mid-epoch (`start_step > 0`) keeps the tables of its checkpoint and skips the steps already done."""
+    started = time.perf_counter()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    plan = build_epoch_plan(data.train.labels, seed=cfg.seed, epoch=epoch, batch_size=cfg.batch_size,
+                            world_size=world, num_batches=cfg.num_batches, subset=subset)
+    metrics = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+    if epoch < cfg.warmup_epochs:
+        method = CrossEntropy()
+    elif method.name == "mixnn" and start_step == 0 and refresh_due(cfg, epoch, tables):
+        metrics.update(refresh_tables(cfg, epoch, model, data, plan, tables, accelerator))
+        check_tables_identical(tables)
+        metrics["tables_checked_ranks"] = world
+    seed = (cfg.seed * 1_000_003 + epoch) * 1009 + rank
+    batches = train_batches(cfg, epoch, plan, method, tables, rank)[start_step:]
+    loader = id_loader(data.train, batches, cfg.workers, seed + start_step)
+    stats = train_one_epoch(model, optimizer, method, loader, tables, accelerator, seed, data.input_shape,
+                            progress=cfg.progress and accelerator.is_local_main_process, stop=stop,
+                            start_step=start_step)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    totals = np.concatenate(all_gather_rows(np.array([[stats["train_images"], stats["skipped_train"], peak_mb]])))
+    metrics.update(stats, images_per_second=float(totals[:, 0].sum() / max(stats["train_seconds"], 1e-9)),
+                   skipped_train=int(totals[:, 1].sum()), peak_rss_mb_per_rank=int(totals[:, 2].max()))
+    metrics.update(table_metrics(data.train, tables, plan.unique_ids))
+    metrics.update(method.epoch_metrics(data.train.true_labels))
+    metrics["epoch_seconds"] = time.perf_counter() - started  # everything but evaluation and checkpoint
+    return metrics
+
+
+def evaluate_splits(cfg: Config, epoch: int, model, data: Data, accelerator) -> dict:
+    """Top-1/top-5 of every eval split (every `eval_every` epochs and at the last epoch)."""
+    if (epoch + 1) % cfg.eval_every and epoch + 1 != cfg.epochs:
+        return {}
+    out = {}
+    for name, ds in data.evals.items():
+        result = evaluate(model, ds, accelerator, eval_batch_size(cfg, accelerator),
+                          cfg.workers)
+        out.update({f"{name}_top1": result["top1"], f"{name}_top5": result["top5"],
+                    f"{name}_skipped": result["skipped"]})
+    return out
+
+
+def update_best(best: dict, metrics: dict, select: str) -> tuple[dict, bool]:
+    """Model selection on `select`'s top-1 only (never on test unless told); the record keeps every
+    split's accuracy at that epoch, e.g. Clothing1M's test accuracy of the best-val model."""
+    key = f"{select}_top1"
+    if key not in metrics or metrics[key] <= best["metric"]:
+        return best, False
+    return {"metric": metrics[key], "epoch": metrics["epoch"], "split": select,
+            **{k: v for k, v in metrics.items() if k.endswith(("_top1", "_top5"))}}, True

@@ -1,0 +1,73 @@
+"""What every method shares: the per-sample tables, soft cross-entropy, mixing helpers and plain CE.
+
+A batch holds `b` anchors followed by their `b x P` partners (P = `num_partners`), all read by sample
+id in one loader step, so the partners' images are prefetched with the anchors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..targets import SoftTargets
+
+
+@dataclass
+class Tables:
+    """Per-sample tables of the epoch, indexed by sample id and identical on every rank."""
+
+    targets: SoftTargets
+    clean: np.ndarray | None = None  # [N] float32, P(clean | loss) from the last GMM
+    partners: np.ndarray | None = None  # [N, K] int64 neighbour ids, -1 where none
+    loss_history: np.ndarray | None = None  # [W, N] float32 per-sample losses of the last W refreshes
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Eq. 7: mean over the batch of -sum_c y_c log softmax(logits)_c."""
+    return -(targets * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
+
+
+def mix_groups(images: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor):
+    """Eq. 4/5: x~ = sum_j w_j x_j, y~ = sum_j w_j t_j over groups [b, 1+K, ...] with weights [b, 1+K]."""
+    shape = (*weights.shape, *([1] * (images.dim() - 2)))
+    return (weights.view(shape) * images).sum(1), (weights.unsqueeze(-1) * targets).sum(1)
+
+
+def clean_weights(clean: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Eq. 10/11: lam, beta_k = p / sum(p) over (sample, neighbours); equal weights when all p ~ 0."""
+    total = clean.sum(1, keepdim=True)
+    equal = torch.full_like(clean, 1.0 / clean.shape[1])
+    return torch.where(total > eps, (clean + eps / clean.shape[1]) / (total + eps), equal)
+
+
+def group_rows(batch: dict, partners: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split a flat loader batch into (images [b, 1+P, ...], ids [b, 1+P], usable [b]) groups."""
+    n = len(batch["valid"]) // (1 + partners)
+    order = lambda t: t.view(1 + partners, n, *t.shape[1:]).transpose(0, 1)  # anchors first, then P blocks
+    valid = order(batch["valid"]).all(1)
+    return order(batch["images"]), order(batch["ids"]), valid
+
+
+class CrossEntropy:
+    """Plain cross-entropy against the current targets (one-hot given labels unless corrected)."""
+
+    name, num_partners = "ce", 0
+
+    def partner_ids(self, anchors: np.ndarray, tables: Tables, epoch_ids: np.ndarray, rng) -> np.ndarray:
+        return np.zeros((len(anchors), 0), dtype=np.int64)
+
+    def epoch_metrics(self, true_labels: np.ndarray) -> dict:
+        """Method-specific metrics of the epoch (e.g. SelectMix's uncertain set against the truth)."""
+        return {}
+
+    def inputs_targets(self, batch: dict, tables: Tables, generator: torch.Generator, model=None):
+        images, ids, valid = group_rows(batch, 0)
+        ids = ids[valid, 0]
+        return images[valid, 0], tables.targets.rows(ids.cpu()).to(images.device)
+
+
+def unwrap(model):
+    """The module inside a DDP wrapper."""
+    return getattr(model, "module", model)

@@ -1,0 +1,24 @@
+"""mixup (Zhang et al. 2018): a random partner inside the batch."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .base import CrossEntropy
+
+
+class Mixup(CrossEntropy):
+    """mixup: a random partner inside the batch, lambda ~ Beta(alpha, alpha)."""
+
+    name = "mixup"
+
+    def __init__(self, alpha: float = 1.0):
+        self.alpha = alpha
+
+    def inputs_targets(self, batch, tables, generator, model=None):
+        x, y = super().inputs_targets(batch, tables, generator)
+        if len(x) < 2:
+            return x, y
+        lam = float(np.random.default_rng(int(torch.randint(2**31, (1,), generator=generator))).beta(self.alpha, self.alpha))
+        perm = torch.randperm(len(x), generator=generator)
+        return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]

@@ -1,0 +1,132 @@
+"""The per-sample tables of an epoch: losses gathered by id -> GMM clean probabilities, EMA soft targets,
+neighbour table; identical on every rank (checked by CRC)."""
+from __future__ import annotations
+
+import time
+import zlib
+
+import numpy as np
+import torch
+
+from data.reader import ShardDataset
+from index.comm import all_gather_rows, broadcast_array, gather_by_id
+from index.gmm import CleanFit, clean_probability
+from index.knn import knn_with_recall
+
+from .config import Config
+from .dataset import Data
+from .loop import RefreshStats, eval_batch_size, refresh
+from .methods import Tables
+from .metrics import label_correction_accuracy, neighbour_agreement, noise_detection
+
+
+def per_sample_loss(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Cross-entropy -log p[label] of each row."""
+    return -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
+
+
+def windowed_losses(history: np.ndarray | None, losses: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Push this refresh's losses into the [W, N] history; return (history, per-sample mean over it).
+
+    Samples absent from a refresh (NaN) are averaged over the refreshes that saw them.
+    """
+    if window <= 1:
+        return None, losses
+    if history is None:
+        history = np.full((window, len(losses)), np.nan, dtype=np.float32)
+    history = np.concatenate([history[1:], losses[None].astype(np.float32)])
+    seen = ~np.isnan(history)
+    mean = np.where(seen.any(0), np.nansum(history, 0) / np.maximum(seen.sum(0), 1), np.nan)
+    return history, mean.astype(np.float32)
+
+
+def fit_clean(losses: np.ndarray, seed: int, is_main: bool) -> tuple[np.ndarray, CleanFit | None]:
+    """GMM on rank 0, clean probabilities broadcast (NaN losses: never refreshed -> probability 0)."""
+    fit = None
+    prob = None
+    if is_main:
+        seen = ~np.isnan(losses)
+        fit = clean_probability(losses[seen], seed=seed)
+        prob = np.zeros(len(losses), np.float32)
+        prob[seen] = fit.prob
+    return broadcast_array(prob, src=0), fit
+
+
+def neighbour_table(stats: RefreshStats, num_samples: int, cfg) -> tuple[np.ndarray, float | None]:
+    """[N, k] neighbour ids (-1 for ids outside the epoch) via the sharded search, and the recall@k of
+    an approximate index against exact search on sampled queries (None when exact)."""
+    query_ids, neighbours, recall = knn_with_recall(
+        stats.embeddings, stats.ids, cfg.k, index=cfg.knn_index, metric=cfg.metric,
+        recall_queries=cfg.recall_queries, transfer_dtype=np.dtype(cfg.embed_transfer),
+        hnsw_m=cfg.hnsw_m, hnsw_ef=cfg.hnsw_ef, ivf_nprobe=cfg.ivf_nprobe,
+        clustered_nprobe=cfg.clustered_nprobe)
+    table = np.full((num_samples, cfg.k), -1, dtype=np.int64)
+    table[query_ids] = neighbours
+    return table, recall
+
+
+def update_targets(tables: Tables, stats: RefreshStats, momentum: float) -> None:
+    """Eq. 12 on this rank's rows, then every rank writes every rank's new rows (identical tables)."""
+    rows = tables.targets.ema_rows(stats.ids, torch.from_numpy(stats.probs), momentum).numpy()
+    all_ids = np.concatenate(all_gather_rows(stats.ids))
+    all_rows = np.concatenate(all_gather_rows(rows.astype(np.float32)))
+    tables.targets.assign(all_ids, torch.from_numpy(all_rows))
+
+
+def refresh_tables(cfg: Config, epoch: int, model, data: Data, plan, tables: Tables, accelerator) -> dict:
+    """Refresh pass -> GMM clean probabilities -> soft targets (epoch >= E_s) -> neighbour table."""
+    t0 = time.perf_counter()
+    rank = accelerator.process_index
+    stats = refresh(accelerator.unwrap_model(model), data.train_plain, plan.refresh_slice(rank), accelerator,
+                    eval_batch_size(cfg, accelerator), cfg.workers,
+                    progress=cfg.progress and accelerator.is_local_main_process)
+    t1 = time.perf_counter()
+    labels = (tables.targets.corrected() if cfg.gmm_loss == "corrected" else data.train.labels)[stats.ids]
+    losses = gather_by_id(stats.ids, per_sample_loss(stats.probs, labels).astype(np.float32), len(data.train))
+    tables.loss_history, losses = windowed_losses(tables.loss_history, losses, cfg.gmm_loss_window)
+    clean, fit = fit_clean(losses, cfg.seed + epoch, accelerator.is_main_process)
+    tables.clean = clean
+    t2 = time.perf_counter()
+    if 0 <= cfg.correction_epoch <= epoch:
+        update_targets(tables, stats, cfg.ema)
+    t3 = time.perf_counter()
+    if cfg.knn_scope == "global":
+        tables.partners, recall = neighbour_table(stats, len(data.train), cfg)
+    else:
+        tables.partners, recall = None, None  # in-batch neighbours are found at each step
+    t4 = time.perf_counter()
+    out = {"time_refresh": t1 - t0, "time_gmm": t2 - t1, "time_targets": t3 - t2, "time_knn": t4 - t3,
+           "clean_fraction": float((clean[plan.unique_ids] > 0.5).mean()),
+           "neighbour_agreement": (neighbour_agreement(tables.partners, data.train.labels, plan.unique_ids)
+                                   if tables.partners is not None else None)}
+    if recall is not None:
+        out[f"knn_recall_at_{cfg.k}"] = recall
+    if fit is not None:
+        out.update(gmm_mean_clean=fit.means[0], gmm_mean_noisy=fit.means[1], gmm_weight_clean=fit.weights[0])
+    return out
+
+
+def refresh_due(cfg: Config, epoch: int, tables: Tables) -> bool:
+    """For an epoch after warm-up: every `refresh_every` epochs, and whenever the tables were never refreshed."""
+    return tables.clean is None or (epoch - cfg.warmup_epochs) % cfg.refresh_every == 0
+
+
+def check_tables_identical(tables: Tables) -> None:
+    """Every rank must hold the same per-sample tables; a CRC of each is compared across ranks."""
+    parts = [tables.targets.values.numpy().tobytes(), b"" if tables.clean is None else tables.clean.tobytes(),
+             b"" if tables.partners is None else tables.partners.tobytes()]
+    digest = np.array([[zlib.crc32(p) for p in parts]], dtype=np.int64)
+    everyone = np.concatenate(all_gather_rows(digest))
+    if (everyone != everyone[0]).any():
+        raise RuntimeError(f"per-sample tables differ between ranks (CRCs {everyone.tolist()})")
+
+
+def table_metrics(train: ShardDataset, tables: Tables, ids: np.ndarray) -> dict:
+    """Label-correction accuracy and noise detection, when true labels are known."""
+    out = {}
+    acc = label_correction_accuracy(tables.targets.corrected(), train.true_labels, np.arange(len(train)))
+    if acc is not None:
+        out["label_correction_accuracy"] = acc
+    if tables.clean is not None:
+        out.update(noise_detection(tables.clean, train.labels, train.true_labels, ids))
+    return out
