@@ -106,6 +106,23 @@ def add_noise(source: sources.Source, spec_text: str | None, seed: int) -> dict:
     return {"noise": info}
 
 
+def subsample_train(source: sources.Source, size: int, seed: int) -> dict:
+    """Keep a stratified random `size` of the train split (before noise), in source order; for quick studies."""
+    if not size:
+        return {}
+    records = source.splits.get("train", [])
+    if not 0 < size < len(records):
+        raise ValueError(f"--train-subset {size}: needs 0 < N < {len(records)} (the train split's size)")
+    labels = np.array([r.label for r in records])
+    rng = np.random.default_rng([seed, 13])
+    keep = np.zeros(len(records), dtype=bool)
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        keep[members[:int(round(size * len(members) / len(records)))]] = True
+    source.splits["train"] = [r for r, k in zip(records, keep) if k]
+    return {"train_subset": {"size": int(keep.sum()), "of": len(records), "seed": seed}}
+
+
 def carve_val(source: sources.Source, fraction: float, seed: int) -> dict:
     """Move a split `val`, stratified by the given (noisy) label, out of train: it keeps its noisy labels
     (a user has no clean ones) and its true labels (for metrics). Deterministic in `seed`."""
@@ -130,7 +147,8 @@ def carve_val(source: sources.Source, fraction: float, seed: int) -> dict:
 def prepare(args) -> dict:
     """Read, optionally corrupt, and write every split; returns the per-split manifest entries."""
     source = read_source(args)
-    extra = {**source.extra, **add_noise(source, args.noise, args.seed)}
+    subset = subsample_train(source, args.train_subset, args.seed)
+    extra = {**source.extra, **subset, **add_noise(source, args.noise, args.seed)}
     extra.update(carve_val(source, args.val_fraction, args.seed))
     out = Path(args.out)
     results = {}
@@ -166,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="carve a split 'val' of this fraction out of train, stratified by the given label, "
                         "keeping its noisy labels (select checkpoints on it: select_split val)")
+    p.add_argument("--train-subset", type=int, default=0,
+                   help="keep a stratified random N of the train split (before noise), for quick studies")
     p.add_argument("--resize", type=int, help="shrink images so the shorter side is at most this (re-encodes JPEG)")
     p.add_argument("--splits", help="comma-separated subset of splits to write (default: all)")
     p.add_argument("--subset", default="mini", help="webvision: mini (50 classes, Google) or full")

@@ -96,6 +96,10 @@ class ShardDataset(torch.utils.data.Dataset):
                     len(errors))
         return True
 
+    def read_error(self, sample_id: int) -> str:
+        """Why a sample cannot be read ("" when it can)."""
+        return self._decode_array(sample_id)[1]
+
     def _decode_array(self, sample_id: int) -> tuple[np.ndarray | None, str]:
         """(uint8 CHW array of one image, "") or (None, the reason) when it cannot be read."""
         try:
@@ -159,24 +163,26 @@ class ShardDataset(torch.utils.data.Dataset):
             image = self.decoded(sample_id)
         except Exception as e:  # a damaged shard must never crash a long run: skip and count
             logger.warning("%s: sample id %d skipped (%s: %s)", self.split_dir, sample_id, type(e).__name__, e)
-            return None
+            return None, -1, sample_id
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.labels[sample_id]), sample_id
 
 
 def collate_with_skips(samples: list) -> dict:
-    """Stack samples; a skipped (None) position keeps its place with `valid=False` and a zero image."""
-    good = [s for s in samples if s is not None]
-    if not good:
+    """Stack samples; an unreadable one (image None) keeps its place with `valid=False` and a zero image,
+    and its sample id is listed in `skipped_ids`."""
+    ok = [s[0] is not None for s in samples]
+    skipped_ids = [s[2] for s, good in zip(samples, ok) if not good]
+    if not any(ok):
         return {"images": None, "labels": None, "ids": None, "valid": torch.zeros(len(samples), dtype=torch.bool),
-                "skipped": len(samples)}
-    template = torch.zeros_like(good[0][0])
-    images = torch.stack([s[0] if s is not None else template for s in samples])
-    labels = torch.tensor([s[1] if s is not None else -1 for s in samples], dtype=torch.long)
-    ids = torch.tensor([s[2] if s is not None else -1 for s in samples], dtype=torch.long)
-    valid = torch.tensor([s is not None for s in samples], dtype=torch.bool)
-    return {"images": images, "labels": labels, "ids": ids, "valid": valid, "skipped": len(samples) - len(good)}
+                "skipped": len(samples), "skipped_ids": skipped_ids}
+    template = torch.zeros_like(next(s[0] for s, good in zip(samples, ok) if good))
+    images = torch.stack([s[0] if good else template for s, good in zip(samples, ok)])
+    labels = torch.tensor([s[1] if good else -1 for s, good in zip(samples, ok)], dtype=torch.long)
+    ids = torch.tensor([s[2] if good else -1 for s, good in zip(samples, ok)], dtype=torch.long)
+    return {"images": images, "labels": labels, "ids": ids, "valid": torch.tensor(ok, dtype=torch.bool),
+            "skipped": len(skipped_ids), "skipped_ids": skipped_ids}
 
 
 class IdBatchSampler(torch.utils.data.Sampler):

@@ -187,18 +187,21 @@ def merge_topk(dist: np.ndarray, ids: np.ndarray, query_ids: np.ndarray, k: int)
 
 
 def knn_sharded(embeddings: np.ndarray, ids: np.ndarray, k: int, *, metric: str = "l2", block: int = 16384,
-                index: str = "exact", queries: np.ndarray | None = None, transfer_dtype=np.float32,
-                **index_options) -> tuple[np.ndarray, np.ndarray]:
+                index: str = "exact", queries: np.ndarray | None = None, database: np.ndarray | None = None,
+                transfer_dtype=np.float32, **index_options) -> tuple[np.ndarray, np.ndarray]:
     """K nearest other samples of every sample id across all ranks' shards.
 
     Called by every rank with its own (embeddings [n_r, d], ids [n_r]); `queries` (bool [n_r]) limits
-    which local rows are queried (default all). Query blocks travel as `transfer_dtype` (float16 halves
+    which local rows are queried (default all), `database` (bool [n_r]) which local rows may be found
+    as neighbours (default all; e.g. only the samples judged clean). Query blocks travel as `transfer_dtype` (float16 halves
     the traffic). Returns (query ids sorted [Q], neighbour ids [Q, k]) identical on every rank.
     """
     rank, size = world()
     shard = prepare_embeddings(embeddings, metric)
     ids = np.asarray(ids, dtype=np.int64)
-    searcher = ShardSearcher(shard, metric, index, **index_options)
+    found = np.flatnonzero(database) if database is not None else np.arange(len(ids))
+    searcher = ShardSearcher(shard[found], metric, index, **index_options)
+    db_ids = ids[found]
     local = np.flatnonzero(queries) if queries is not None else np.arange(len(ids))
     counts = [len(c) for c in all_gather_rows(local)]
     all_query_ids, all_neighbours = [], []
@@ -209,7 +212,7 @@ def knn_sharded(embeddings: np.ndarray, ids: np.ndarray, k: int, *, metric: str 
             mine = shard[local[start:end]].astype(transfer_dtype) if rank == src else None
             queries_block = broadcast_array(mine, src).astype(np.float32)
             dist, pos = searcher.search(queries_block, k + 1)  # +1: the query itself may be here
-            cand_ids = np.where(pos >= 0, ids[np.maximum(pos, 0)] if len(ids) else -1, -1)
+            cand_ids = np.where(pos >= 0, db_ids[np.maximum(pos, 0)] if len(db_ids) else -1, -1)
             dist, cand_ids = merge_topk(dist, cand_ids, src_ids[start:end], k)
             gathered_d = np.concatenate(all_gather_rows(dist.T.copy()), axis=0).T  # [q, W*k]
             gathered_i = np.concatenate(all_gather_rows(cand_ids.T.copy()), axis=0).T
@@ -243,7 +246,8 @@ def knn_with_recall(embeddings: np.ndarray, ids: np.ndarray, k: int, *, index: s
         return query_ids, table, None
     fraction = min(1.0, recall_queries / max(len(query_ids), 1))
     exact_ids, exact = knn_sharded(embeddings, ids, k, index="exact", queries=sample_mask(ids, fraction),
-                                   **{key: v for key, v in options.items() if key in ("metric", "block", "transfer_dtype")})
+                                   **{key: v for key, v in options.items()
+                                      if key in ("metric", "block", "transfer_dtype", "database")})
     rows = np.searchsorted(query_ids, exact_ids)
     return query_ids, table, recall_at_k(table[rows], exact)
 

@@ -21,9 +21,10 @@ class Config:
     data: str = ""  # prepared shards folder (data.prepare --out); "" = shards/<dataset>-<noise>-s<noise_seed>
     noise: str = "symmetric:0.4"  # only for preparing the built-in digits set on first use
     noise_seed: int = 0
+    val_fraction: float = 0.1  # only for preparing digits: a noisy val split carved out of train
     train_split: str = "train"
-    eval_splits: list = field(default_factory=lambda: ["test"])
-    select_split: str = ""  # split choosing the best checkpoint ("" = first eval split)
+    eval_splits: list = field(default_factory=lambda: ["val", "test"])
+    select_split: str = ""  # split choosing the best checkpoint ("" = first eval split; noisy val by default)
     image_size: int = 0  # 0 = the data set preset
     workers: int = 0  # DataLoader worker processes per rank
     cache_images: str = "auto"  # decode every image once into memory: auto (when it fits cache_max_mb) | true | false
@@ -34,7 +35,7 @@ class Config:
     drop_rate: float = 0.0
     channels_last: bool = False  # NHWC conv weights (timm's --channels-last): faster on CPU (oneDNN) and on GPUs
     # method
-    method: str = "mixnn"  # ce | mixup | mixnn | selectmix
+    method: str = "mixnn"  # ce | mixup | mixnn | selectmix | select | select-correct | confident-learning
     k: int = 1  # neighbours per sample
     warmup_epochs: int = 5
     correction_epoch: int = 10  # E_s: soft targets move by EMA from this epoch on (-1: never)
@@ -42,8 +43,17 @@ class Config:
     gmm_loss: str = "given"  # loss the GMM sees: against the given label or the corrected argmax(t)
     refresh_every: int = 1  # refresh tables every R epochs after warm-up (1: every epoch, the paper; needs num_batches 0)
     gmm_loss_window: int = 5  # fit the GMM on each sample's loss averaged over the last W refreshes
-    weights: str = "clean"  # clean (Eq. 10/11) | avg | random
+    weights: str = "clean"  # clean (Eq. 10/11) | avg | random | beta (anchor lam ~ Beta, max(lam, 1 - lam))
     partners: str = "knn"  # knn | random
+    neighbour_pool: str = "all"  # where neighbours are searched: all | clean (P(clean) > clean_threshold) | class
+    #                              (clean samples of the anchor's corrected class)
+    mix_start: str = "warmup"  # MixNN mixes with neighbours from: warmup (end of warm-up) | correction (E_s; plain
+    #                            mixup with random in-batch partners before it, as the authors' code)
+    target_source: str = "prediction"  # what the EMA moves t toward: prediction (Eq. 12, p) | refined
+    #                                    (w y + (1 - w) p with w = P(clean), DivideMix's label refinement)
+    sharpen: float = 1.0  # temperature T applied to p before it enters the targets (1: none; DivideMix 0.5)
+    clean_threshold: float = 0.5  # P(clean) above which a sample counts as clean (select, pools, metrics)
+    memorisation_every: int = 5  # methods without a refresh pass: measure memorisation every N epochs (0: never)
     mixup_alpha: float = 1.0
     metric: str = "l2"  # l2 | cosine
     knn_scope: str = "global"  # global: the whole epoch set (paper) | batch: inside each mini-batch (authors' code)
@@ -56,7 +66,9 @@ class Config:
     embed_transfer: str = "float32"  # float16 halves the query blocks sent between ranks
     cv_folds: int = 5  # SelectMix: K-fold cross-validation for the out-of-sample probabilities
     cv_epochs: int = 15  # SelectMix: epochs of each fold's model
-    selectmix_rule: str = "mismatch"  # mismatch | cleanlab (find_label_issues on the same probabilities)
+    cv_best_epoch: bool = True  # keep each fold's predictions at its best held-out accuracy vs the given labels
+    selectmix_rule: str = "mismatch"  # mismatch | cleanlab (find_label_issues on the same probabilities) |
+    #                                   precursor (the first author's public experiments, see train/methods/selectmix.py)
     selectmix_threshold: float = 0.5  # uncertain when p(given label) is below this (or prediction differs)
     selectmix_confident: float = 0.8  # confident partner: prediction = given label with p >= this
     targets_topk: int = 0  # 0: dense float16 soft targets; >0: keep the top-k classes per sample
@@ -80,7 +92,14 @@ class Config:
     progress: bool = True
 
 
-class ConfigError(ValueError):
+METHODS = ("ce", "mixup", "mixnn", "selectmix", "select", "select-correct", "confident-learning")
+
+
+class UserError(Exception):
+    """A user's mistake (bad option, data not prepared, missing file): one `error:` line, exit 2, no traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """An unknown key or a value of the wrong type."""
 
 
@@ -145,13 +164,15 @@ def read_yaml(path: Path) -> dict:
 
 
 def load_config(argv: list[str]) -> Config:
-    """Defaults <- `--config FILE` (or the resumed run's config.yaml) <- `--key value` overrides."""
+    """Defaults <- `--config FILE[,FILE...]` in order (or the resumed run's config.yaml) <- `--key value`.
+
+    Several files layer, e.g. `--config launch/configs/fashion_mnist.yaml,launch/configs/mixnn_paper.yaml`:
+    the data set's settings, then the paper's method settings over them."""
     overrides = parse_overrides(argv)
     cfg = Config()
     if "resume" in overrides:
         apply(cfg, read_yaml(Path(overrides["resume"]) / "config.yaml"), "resumed run")
-    config_file = overrides.pop("config", None)
-    if config_file:
+    for config_file in filter(None, overrides.pop("config", "").split(",")):
         apply(cfg, read_yaml(Path(config_file)), config_file)
     return check(apply(cfg, overrides, "command line"))
 
@@ -160,6 +181,15 @@ def check(cfg: Config) -> Config:
     """Values outside their choices, and settings that are wrong together."""
     if cfg.cache_images not in ("auto", "true", "false"):
         raise ConfigError(f"--cache_images must be auto, true or false, got {cfg.cache_images!r}")
+    choices = {"method": METHODS, "weights": ("clean", "avg", "random", "beta"), "partners": ("knn", "random"),
+               "neighbour_pool": ("all", "clean", "class"), "mix_start": ("warmup", "correction"),
+               "target_source": ("prediction", "refined"), "gmm_loss": ("given", "corrected"),
+               "selectmix_rule": ("mismatch", "cleanlab", "precursor")}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
+    if cfg.sharpen <= 0:
+        raise ConfigError(f"--sharpen must be > 0, got {cfg.sharpen}")
     if cfg.refresh_every < 1:
         raise ConfigError(f"--refresh_every must be >= 1, got {cfg.refresh_every}")
     if cfg.refresh_every > 1 and cfg.num_batches > 0:

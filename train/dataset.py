@@ -11,7 +11,7 @@ from data.reader import ShardDataset
 from data.shards import read_manifest
 from data.transforms import EvalTransform, TrainTransform, get_preset
 
-from .config import Config
+from .config import Config, UserError
 
 logger = get_logger(__name__)
 
@@ -29,28 +29,35 @@ class Data:
 
 
 def data_root(cfg: Config) -> Path:
-    return Path(cfg.data or f"shards/{cfg.dataset}-{cfg.noise.replace(':', '')}-s{cfg.noise_seed}")
+    """The prepared shards folder: `data`, or for the built-in digits set a name made of its preparation."""
+    val = f"-val{cfg.val_fraction:g}" if cfg.val_fraction else ""
+    return Path(cfg.data or f"shards/{cfg.dataset}-{cfg.noise.replace(':', '')}-s{cfg.noise_seed}{val}")
 
 
 def ensure_prepared(cfg: Config, accelerator: Accelerator) -> Path:
     """Prepare the built-in digits set on first use (main process; the others wait)."""
     root = data_root(cfg)
+    if not (root / "dataset.json").is_file() and cfg.dataset != "digits":  # checked on every rank
+        raise UserError(f"{root}/dataset.json not found: prepare the data with "
+                        f"`python -m data.prepare {cfg.dataset} --root RAW --out {root}` (or set --data)")
     if accelerator.is_main_process and not (root / "dataset.json").is_file():
-        if cfg.dataset != "digits":
-            raise FileNotFoundError(f"{root}/dataset.json not found: prepare the data with "
-                                    f"`python -m data.prepare {cfg.dataset} --root RAW --out {root}`")
         from data.prepare import build_parser, prepare
 
         logger.info("preparing digits with %s noise into %s", cfg.noise, root)
-        prepare(build_parser().parse_args(["digits", "--out", str(root), "--noise", cfg.noise,
-                                           "--seed", str(cfg.noise_seed)]))
+        args = ["digits", "--out", str(root), "--noise", cfg.noise, "--seed", str(cfg.noise_seed)]
+        prepare(build_parser().parse_args(args + (["--val-fraction", str(cfg.val_fraction)] if cfg.val_fraction else [])))
     accelerator.wait_for_everyone()
     return root
 
 
 def load_data(cfg: Config, accelerator: Accelerator) -> Data:
+    """Open the training split (augmenting and plain views) and the eval splits; cache small ones decoded."""
     root = ensure_prepared(cfg, accelerator)
     manifest = read_manifest(root)
+    for split in [cfg.train_split, *cfg.eval_splits]:
+        if split not in manifest["splits"]:
+            raise UserError(f"{root} has no split {split!r} (it has {', '.join(manifest['splits'])}); prepare it "
+                            "(a noisy val split: data.prepare --val-fraction F) or change --eval_splits/--train_split")
     preset = get_preset(cfg.dataset, cfg.image_size or None)
     train = ShardDataset(root / cfg.train_split, TrainTransform(preset=preset), preset.mode)
     evals = {s: ShardDataset(root / s, EvalTransform(preset=preset), preset.mode) for s in cfg.eval_splits}

@@ -13,8 +13,8 @@ from index.comm import all_gather_rows
 from .config import Config
 from .dataset import Data
 from .loop import eval_batch_size, evaluate, train_one_epoch
-from .methods import CrossEntropy, Tables
-from .tables import check_tables_identical, refresh_due, refresh_tables, table_metrics
+from .methods import CrossEntropy, Mixup, Tables
+from .tables import check_tables_identical, memorisation_pass, refresh_due, refresh_tables, table_metrics
 
 
 def train_batches(cfg, epoch, plan, method, tables, rank) -> list[np.ndarray]:
@@ -27,6 +27,22 @@ def train_batches(cfg, epoch, plan, method, tables, rank) -> list[np.ndarray]:
     return out
 
 
+def epoch_method(cfg: Config, epoch: int, method):
+    """The method an epoch trains with: CE during warm-up; with `mix_start: correction`, MixNN trains as
+    plain mixup (random in-batch partner) until E_s, as the MixNN authors' code does."""
+    if epoch < cfg.warmup_epochs:
+        return CrossEntropy()
+    if method.name == "mixnn" and cfg.mix_start == "correction" and epoch < max(cfg.correction_epoch, 0):
+        return Mixup(cfg.mixup_alpha)
+    return method
+
+
+def memorisation_due(cfg: Config, epoch: int) -> bool:
+    """Methods without a refresh pass measure memorisation every `memorisation_every` epochs and at the end."""
+    every = cfg.memorisation_every
+    return every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == cfg.epochs)
+
+
 def run_epoch(cfg: Config, epoch: int, model, optimizer, method, data: Data, tables: Tables, accelerator,
               stop=None, start_step: int = 0, subset=None) -> dict:
     """One epoch of Algorithm 1 (warm-up epochs: plain cross-entropy, no refresh). A run resumed
@@ -36,12 +52,19 @@ def run_epoch(cfg: Config, epoch: int, model, optimizer, method, data: Data, tab
     plan = build_epoch_plan(data.train.labels, seed=cfg.seed, epoch=epoch, batch_size=cfg.batch_size,
                             world_size=world, num_batches=cfg.num_batches, subset=subset)
     metrics = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-    if epoch < cfg.warmup_epochs:
-        method = CrossEntropy()
-    elif method.name == "mixnn" and start_step == 0 and refresh_due(cfg, epoch, tables):
+    if epoch >= cfg.warmup_epochs and method.uses_tables and start_step == 0 and refresh_due(cfg, epoch, tables):
         metrics.update(refresh_tables(cfg, epoch, model, data, plan, tables, accelerator))
         check_tables_identical(tables)
         metrics["tables_checked_ranks"] = world
+    elif memorisation_due(cfg, epoch):
+        metrics.update(memorisation_pass(cfg, model, data, plan, accelerator))
+    epoch_ids = plan.unique_ids  # the metrics below cover the whole epoch, whatever part of it trains
+    keep = method.train_ids(epoch_ids, tables) if epoch >= cfg.warmup_epochs else None
+    if keep is not None:  # the method trains on part of the epoch's ids (selection baselines)
+        metrics["train_fraction"] = len(keep) / max(len(plan.unique_ids), 1)
+        plan = build_epoch_plan(data.train.labels, seed=cfg.seed, epoch=epoch, batch_size=cfg.batch_size,
+                                world_size=world, num_batches=cfg.num_batches, subset=keep)
+    method = epoch_method(cfg, epoch, method)
     seed = (cfg.seed * 1_000_003 + epoch) * 1009 + rank
     batches = train_batches(cfg, epoch, plan, method, tables, rank)[start_step:]
     loader = id_loader(data.train, batches, cfg.workers, seed + start_step)
@@ -50,9 +73,10 @@ def run_epoch(cfg: Config, epoch: int, model, optimizer, method, data: Data, tab
                             start_step=start_step)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     totals = np.concatenate(all_gather_rows(np.array([[stats["train_images"], stats["skipped_train"], peak_mb]])))
+    stats["unreadable_ids"] = np.unique(np.concatenate(all_gather_rows(stats["unreadable_ids"])))
     metrics.update(stats, images_per_second=float(totals[:, 0].sum() / max(stats["train_seconds"], 1e-9)),
                    skipped_train=int(totals[:, 1].sum()), peak_rss_mb_per_rank=int(totals[:, 2].max()))
-    metrics.update(table_metrics(data.train, tables, plan.unique_ids))
+    metrics.update(table_metrics(data.train, tables, epoch_ids))
     metrics.update(method.epoch_metrics(data.train.true_labels))
     metrics["epoch_seconds"] = time.perf_counter() - started  # everything but evaluation and checkpoint
     return metrics

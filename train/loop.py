@@ -78,10 +78,12 @@ def train_one_epoch(model, optimizer, method, loader, tables: Tables, accelerato
     """
     model.train()
     total, count, skipped, wait, t0 = 0.0, 0, 0, 0.0, time.perf_counter()
+    unreadable = set()
     fetched, stopped_at = time.perf_counter(), None
     for step, batch in enumerate(progress_bar(loader, "train", progress), start_step):
         wait += time.perf_counter() - fetched
         skipped += batch["skipped"]
+        unreadable.update(batch["skipped_ids"])
         with accelerator.autocast():
             if batch["images"] is not None and batch["valid"].any():
                 batch["images"] = batch["images"].to(accelerator.device, non_blocking=True)
@@ -104,7 +106,8 @@ def train_one_epoch(model, optimizer, method, loader, tables: Tables, accelerato
         fetched = time.perf_counter()
     seconds = time.perf_counter() - t0
     return {"train_loss": total / max(count, 1), "train_images": count, "train_seconds": seconds,
-            "data_wait_seconds": wait, "skipped_train": skipped, "stopped_at": stopped_at}
+            "data_wait_seconds": wait, "skipped_train": skipped, "stopped_at": stopped_at,
+            "unreadable_ids": np.array(sorted(unreadable), dtype=np.int64)}
 
 
 @torch.no_grad()

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by `accelerate launch train/main.py`
@@ -21,11 +23,11 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 
 from .checkpoint import checkpoint_state, find_checkpoint, load_checkpoint, restore, save_checkpoint
-from .config import Config, load_config, save_config
+from .config import Config, UserError, load_config, save_config
 from .crossval import out_of_sample_probabilities
 from .dataset import Data, load_data
 from .epoch import evaluate_splits, run_epoch, update_best
-from .methods import SelectMix, Tables, create_method
+from .methods import NEEDS_CROSS_VALIDATION, Tables, create_method
 from .models import create_model
 from .optim import create_optimizer
 from .preempt import StopFlag
@@ -54,17 +56,32 @@ def resolve_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
 
 
 def create_run_method(cfg: Config, data: Data, accelerator, run_dir: Path, num_classes: int):
-    """The method object; SelectMix first runs (or reloads) its cross-validation stage."""
-    if cfg.method != "selectmix":
-        return create_method(cfg)
-    oos = out_of_sample_probabilities(cfg, data, accelerator, run_dir, num_classes)
-    return SelectMix(oos, data.train.labels, threshold=cfg.selectmix_threshold, confident=cfg.selectmix_confident,
-                     alpha=cfg.mixup_alpha, rule=cfg.selectmix_rule)
+    """The method object; SelectMix and Confident Learning first run (or reload) the cross-validation stage."""
+    oos = None
+    if cfg.method in NEEDS_CROSS_VALIDATION:
+        oos = out_of_sample_probabilities(cfg, data, accelerator, run_dir, num_classes)
+    return create_method(cfg, data.train.labels, num_classes, oos)
 
 
-def main(argv=None) -> dict:
-    """Train; returns (and prints, on the main process) the final summary."""
-    cfg = load_config(sys.argv[1:] if argv is None else argv)
+@dataclass
+class Run:
+    """Everything a run trains with, built once (and restored from the last checkpoint when resuming)."""
+
+    cfg: Config
+    accelerator: Accelerator
+    run_dir: Path
+    data: Data
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    tables: Tables
+    start: int = 0  # epoch to continue at
+    step: int = 0  # step of that epoch (mid-epoch checkpoint of a preempted run)
+    best: dict = field(default_factory=lambda: {"metric": -1.0, "epoch": -1})
+
+
+def start_run(cfg: Config) -> Run:
+    """Accelerator, data, model, optimizer and per-sample tables; a resumed run restores all of them."""
     accelerator = create_accelerator(cfg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
@@ -77,53 +94,82 @@ def main(argv=None) -> dict:
                          drop_rate=cfg.drop_rate, channels_last=cfg.channels_last)
     optimizer, scheduler = create_optimizer(cfg, model)
     model, optimizer = accelerator.prepare(model, optimizer)  # loaders stay ours: ids are split by the plan
-    tables = Tables(SoftTargets(data.train.labels, num_classes, cfg.targets_topk))
-    start, step, best = 0, 0, {"metric": -1.0, "epoch": -1}
+    run = Run(cfg, accelerator, run_dir, data, model, optimizer, scheduler,
+              Tables(SoftTargets(data.train.labels, num_classes, cfg.targets_topk)))
+    if cfg.resume:
+        check_resumable(run_dir)
     if cfg.resume and find_checkpoint(run_dir).is_file():
-        start, step, best = restore(load_checkpoint(find_checkpoint(run_dir)), model, optimizer, scheduler, tables,
-                              accelerator)
-        logger.info("resumed %s at epoch %d step %d", run_dir, start, step)
+        run.start, run.step, run.best = restore(load_checkpoint(find_checkpoint(run_dir)), model, optimizer,
+                                                scheduler, run.tables, accelerator)
+        logger.info("resumed %s at epoch %d step %d", run_dir, run.start, run.step)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(dataclasses.replace(cfg, resume=""), run_dir / "config.yaml")
-    log = RunLog(run_dir, accelerator, cfg)
-    stop = StopFlag().install()  # before SelectMix's stage: a signal there is honoured at the first step
-    method = create_run_method(cfg, data, accelerator, run_dir, num_classes)
+    return run
+
+
+def check_resumable(run_dir: Path) -> None:
+    """`--resume RUN` needs a checkpoint, or a cross-validation stage under way (its finished folds)."""
+    if not find_checkpoint(run_dir).is_file() and not any((run_dir / "selectmix").glob("fold-*.npz")):
+        raise UserError(f"--resume {run_dir}: no checkpoint there ({find_checkpoint(run_dir).name} is missing); "
+                        "name the run folder of an interrupted run, or drop --resume to start a new one")
+
+
+def train(cfg: Config) -> dict:
+    """Algorithm 1: per epoch, refresh the per-sample tables and train one pass (train.epoch.run_epoch),
+    evaluate, keep the best checkpoint by `select_split`, log; returns the final summary."""
+    started = time.perf_counter()
+    run = start_run(cfg)
+    cfg, accelerator, tables = run.cfg, run.accelerator, run.tables
+    log = RunLog(run.run_dir, accelerator, cfg)
+    stop = StopFlag().install()  # before the cross-validation stage: a signal there is honoured at the first step
+    method = create_run_method(cfg, run.data, accelerator, run.run_dir, run.data.manifest["num_classes"])
     select = cfg.select_split or (cfg.eval_splits[0] if cfg.eval_splits else "")
-    metrics, skipped = {}, 0
-    for epoch in range(start, cfg.epochs):
-        metrics = run_epoch(cfg, epoch, model, optimizer, method, data, tables, accelerator, stop,
-                            step if epoch == start else 0)
+    metrics = {}
+    for epoch in range(run.start, cfg.epochs):
+        metrics = run_epoch(cfg, epoch, run.model, run.optimizer, method, run.data, tables, accelerator, stop,
+                            run.step if epoch == run.start else 0)
         if metrics["stopped_at"] is not None:
-            preempted(cfg, run_dir, epoch, metrics["stopped_at"], model, optimizer, scheduler, tables, best,
-                      accelerator, stop)
-            return {"preempted": True, "epoch": epoch, "step": metrics["stopped_at"]}
-        metrics.update(evaluate_splits(cfg, epoch, model, data, accelerator))
-        scheduler.step()
-        best, is_best = update_best(best, metrics, select)
-        skipped += metrics["skipped_train"]
-        state = checkpoint_state(cfg, epoch, model, optimizer, scheduler, tables, best, accelerator)
+            return preempted(run, epoch, metrics["stopped_at"], stop)
+        metrics.update(evaluate_splits(cfg, epoch, run.model, run.data, accelerator))
+        run.scheduler.step()
+        run.best, is_best = update_best(run.best, metrics, select)
+        state = checkpoint_state(cfg, epoch, run.model, run.optimizer, run.scheduler, tables, run.best, accelerator)
         if accelerator.is_main_process:
-            save_checkpoint(run_dir, state, epoch, keep=cfg.keep_checkpoints, is_best=is_best)
-        log.write(metrics, tables, data.train)
+            save_checkpoint(run.run_dir, state, epoch, keep=cfg.keep_checkpoints, is_best=is_best)
+        log.write(metrics, tables, run.data.train)
         logger.info(format_epoch(metrics), main_process_only=True)
         accelerator.wait_for_everyone()
-    summary = final_summary(cfg, run_dir, metrics, best, accelerator, skipped)
+    metrics["train_seconds_total"] = time.perf_counter() - started  # this process's wall time, stage included
+    summary = final_summary(cfg, run.run_dir, metrics, run.best, accelerator, log)
     if accelerator.is_main_process and metrics:
-        write_report(run_dir, data.train, tables, data.manifest["class_names"], log.tensorboard())
+        write_report(run.run_dir, run.data.train, tables, run.data.manifest["class_names"], log.tensorboard())
     accelerator.end_training()
     return summary
 
 
-def preempted(cfg, run_dir, epoch, step, model, optimizer, scheduler, tables, best, accelerator, stop) -> None:
+def main(argv=None) -> dict:
+    """Entry point. A user's mistake prints one `error: ...` line (first rank) and exits 2, without a
+    traceback; bugs keep theirs."""
+    try:
+        return train(load_config(sys.argv[1:] if argv is None else argv))
+    except UserError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def preempted(run: Run, epoch: int, step: int, stop) -> dict:
     """Write the mid-epoch checkpoint (`last.pt`) and leave; the batch script requeues the job."""
-    state = checkpoint_state(cfg, epoch, model, optimizer, scheduler, tables, best, accelerator, step=step)
-    if accelerator.is_main_process:
-        save_checkpoint(run_dir, state, epoch, keep=cfg.keep_checkpoints, is_best=False)
+    state = checkpoint_state(run.cfg, epoch, run.model, run.optimizer, run.scheduler, run.tables, run.best,
+                             run.accelerator, step=step)
+    if run.accelerator.is_main_process:
+        save_checkpoint(run.run_dir, state, epoch, keep=run.cfg.keep_checkpoints, is_best=False)
         print(f"preempted by {stop.signal_name or 'a signal on another rank'}: checkpoint at epoch {epoch} "
-              f"step {step} in {run_dir / 'last.pt'}; resume with --resume {run_dir}", flush=True)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+              f"step {step} in {run.run_dir / 'last.pt'}; resume with --resume {run.run_dir}", flush=True)
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    return {"preempted": True, "epoch": epoch, "step": step}
 
 
 if __name__ == "__main__":

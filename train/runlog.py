@@ -15,19 +15,49 @@ from .config import Config
 from .methods import Tables
 
 
+TAG_GROUPS = (  # TensorBoard groups scalars by the part of the tag before the first '/'
+    ("eval", ("_top1", "_top5", "_skipped")), ("time", ("time_", "_seconds")),
+    ("noise", ("noise_", "clean_fraction", "uncertain_", "confident_fraction", "removed_")),
+    ("gmm", ("gmm_",)), ("labels", ("label_correction",)), ("neighbours", ("nn_", "neighbour_", "knn_")),
+    ("memorisation", ("train_acc_given_",)),
+    ("train", ("train_", "lr", "images_per_second", "skipped_train", "peak_rss", "tables_checked")),
+)
+
+
+def tag(key: str) -> str:
+    """`group/key` for TensorBoard: eval/, time/, noise/, gmm/, labels/, neighbours/, memorisation/, train/."""
+    for group, marks in TAG_GROUPS:
+        if any(key.startswith(m) or key.endswith(m) for m in marks):
+            return f"{group}/{key}"
+    return f"other/{key}"
+
+
 class RunLog:
-    """summary.csv (one row per epoch, main process) + TensorBoard through Accelerate's tracker."""
+    """summary.csv (one row per epoch, main process), TensorBoard through Accelerate's tracker, and the
+    distinct unreadable training samples (`unreadable_train.csv`: id, source key, first error)."""
 
     def __init__(self, run_dir: Path, accelerator: Accelerator, cfg: Config):
         self.path, self.accelerator = run_dir / "summary.csv", accelerator
+        self.unreadable_path = run_dir / "unreadable_train.csv"
+        self.unreadable = {}  # sample id -> (source key, first error); kept across a resume in the run folder
+        if self.unreadable_path.is_file():
+            self.unreadable = {int(r["id"]): (r["source"], r["error"]) for r in csv.DictReader(self.unreadable_path.open())}
         if accelerator.is_main_process:
             accelerator.log_with = [TensorBoardTracker("tb", str(run_dir))]
         accelerator.init_trackers("tb", config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
 
     def write(self, metrics: dict, tables: Tables, train: ShardDataset) -> None:
-        self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=metrics["epoch"])
+        """Log one epoch; `metrics["unreadable_ids"]` (this epoch's unreadable training ids) joins the list."""
+        new = [int(i) for i in metrics.pop("unreadable_ids", ()) if int(i) not in self.unreadable]
+        for i in new:
+            self.unreadable[i] = (str(train.sources[i]), train.read_error(i))
+        metrics["unreadable_train_samples"] = len(self.unreadable)
+        self.accelerator.log({tag(k): v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch"},
+                             step=metrics["epoch"])
         if not self.accelerator.is_main_process:
             return
+        if new:
+            self.write_unreadable()
         self.histograms(metrics["epoch"], tables, train)
         rows = list(csv.DictReader(self.path.open())) if self.path.is_file() else []
         rows = [r for r in rows if int(r["epoch"]) < metrics["epoch"]] + [metrics]  # resumed: drop redone epochs
@@ -36,6 +66,12 @@ class RunLog:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
+
+    def write_unreadable(self) -> None:
+        with self.unreadable_path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "source", "error"])
+            writer.writerows([i, *self.unreadable[i]] for i in sorted(self.unreadable))
 
     def tensorboard(self):
         """The SummaryWriter (main process), for figures."""
@@ -59,18 +95,25 @@ def format_epoch(m: dict) -> str:
     return f"epoch {m['epoch']}: " + " ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
 
 
-def final_summary(cfg: Config, run_dir: Path, metrics: dict, best: dict, accelerator, skipped: int) -> dict:
-    """final.json in the run folder and a short table on stdout (main process)."""
+def final_summary(cfg: Config, run_dir: Path, metrics: dict, best: dict, accelerator, log: RunLog) -> dict:
+    """final.json in the run folder and a short table on stdout (main process): the last epoch (the
+    papers' protocol) and the epoch chosen on `select_split` (the noisy val split by default) with every
+    split's accuracy at that epoch."""
     keys = [k for k in metrics if k.endswith(("_top1", "_top5")) or k.startswith(("label_correction", "noise_"))]
-    summary = {"run_dir": str(run_dir), "epochs": cfg.epochs, "world_size": accelerator.num_processes,
-               "last": {k: metrics[k] for k in keys}, "best": best, "skipped_train_samples": skipped}
+    summary = {"run_dir": str(run_dir), "method": cfg.method, "epochs": cfg.epochs,
+               "world_size": accelerator.num_processes, "last": {k: metrics[k] for k in keys}, "best": best,
+               "unreadable_train_samples": len(log.unreadable),
+               "train_seconds_total": metrics.get("train_seconds_total")}
     if accelerator.is_main_process:
         (run_dir / "final.json").write_text(json.dumps(summary, indent=1) + "\n")
         print(f"\nrun {run_dir} finished ({cfg.method}, {cfg.epochs} epochs)")
         for k in keys:
             print(f"  {k:28s} {metrics[k]:.4f}")
-        if skipped:
-            print(f"  {skipped} unreadable training samples were skipped (see skipped_train in summary.csv)")
+        if log.unreadable:
+            print(f"  {len(log.unreadable)} distinct unreadable training samples were skipped "
+                  f"(ids, source keys, errors: {log.unreadable_path})")
         if best["epoch"] >= 0:
-            print(f"  best epoch {best['epoch']} by {cfg.select_split or cfg.eval_splits[0]}: {best['metric']:.2f}")
+            others = ", ".join(f"{k} {v:.2f}" for k, v in best.items() if k.endswith("_top1") and k != f"{best['split']}_top1")
+            print(f"  best epoch {best['epoch']} by {best['split']} (noisy labels): {best['metric']:.2f}"
+                  + (f"; at that epoch {others}" if others else ""))
     return summary

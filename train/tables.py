@@ -11,7 +11,7 @@ import torch
 from data.reader import ShardDataset
 from index.comm import all_gather_rows, broadcast_array, gather_by_id
 from index.gmm import CleanFit, clean_probability
-from index.knn import knn_with_recall
+from index.knn import knn_sharded, knn_with_recall
 
 from .config import Config
 from .dataset import Data
@@ -52,22 +52,61 @@ def fit_clean(losses: np.ndarray, seed: int, is_main: bool) -> tuple[np.ndarray,
     return broadcast_array(prob, src=0), fit
 
 
-def neighbour_table(stats: RefreshStats, num_samples: int, cfg) -> tuple[np.ndarray, float | None]:
-    """[N, k] neighbour ids (-1 for ids outside the epoch) via the sharded search, and the recall@k of
-    an approximate index against exact search on sampled queries (None when exact)."""
-    query_ids, neighbours, recall = knn_with_recall(
-        stats.embeddings, stats.ids, cfg.k, index=cfg.knn_index, metric=cfg.metric,
-        recall_queries=cfg.recall_queries, transfer_dtype=np.dtype(cfg.embed_transfer),
-        hnsw_m=cfg.hnsw_m, hnsw_ef=cfg.hnsw_ef, ivf_nprobe=cfg.ivf_nprobe,
-        clustered_nprobe=cfg.clustered_nprobe)
+def neighbour_pool(cfg: Config, tables: Tables) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(pool [N] bool or None, class [N] or None): where neighbours may come from. `clean`: samples with
+    P(clean) above the threshold; `class`: those of them whose corrected label is the anchor's."""
+    if cfg.neighbour_pool == "all":
+        return None, None
+    pool = tables.clean > cfg.clean_threshold
+    return pool, (tables.targets.corrected() if cfg.neighbour_pool == "class" else None)
+
+
+def neighbour_table(stats: RefreshStats, num_samples: int, cfg, pool: np.ndarray | None = None,
+                    classes: np.ndarray | None = None) -> tuple[np.ndarray, float | None]:
+    """[N, k] neighbour ids (-1 for ids outside the epoch or without a neighbour in the pool) via the
+    sharded search, and the recall@k of an approximate index against exact search on sampled queries
+    (None when exact or per-class). `pool` [N] bool limits the neighbours, `classes` [N] searches each
+    anchor's neighbours among the pool members of its own class."""
+    options = dict(metric=cfg.metric, transfer_dtype=np.dtype(cfg.embed_transfer), hnsw_m=cfg.hnsw_m,
+                   hnsw_ef=cfg.hnsw_ef, ivf_nprobe=cfg.ivf_nprobe, clustered_nprobe=cfg.clustered_nprobe)
     table = np.full((num_samples, cfg.k), -1, dtype=np.int64)
-    table[query_ids] = neighbours
-    return table, recall
+    database = None if pool is None else pool[stats.ids]
+    if classes is None:
+        query_ids, neighbours, recall = knn_with_recall(stats.embeddings, stats.ids, cfg.k, index=cfg.knn_index,
+                                                        recall_queries=cfg.recall_queries, database=database,
+                                                        **options)
+        table[query_ids] = neighbours
+        return table, recall
+    local = classes[stats.ids]
+    for c in range(int(classes.max()) + 1):  # every rank runs the same classes (collectives inside)
+        query_ids, neighbours = knn_sharded(stats.embeddings, stats.ids, cfg.k, index=cfg.knn_index,
+                                            queries=local == c, database=database & (local == c), **options)
+        table[query_ids] = neighbours
+    return table, None
 
 
-def update_targets(tables: Tables, stats: RefreshStats, momentum: float) -> None:
-    """Eq. 12 on this rank's rows, then every rank writes every rank's new rows (identical tables)."""
-    rows = tables.targets.ema_rows(stats.ids, torch.from_numpy(stats.probs), momentum).numpy()
+def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """p^(1/T) renormalised per row (T = 1: unchanged)."""
+    if temperature == 1.0:
+        return probs
+    powered = np.power(np.clip(probs, 1e-12, None), 1.0 / temperature)
+    return powered / powered.sum(1, keepdims=True)
+
+
+def target_rows(cfg: Config, stats: RefreshStats, labels: np.ndarray, clean: np.ndarray) -> np.ndarray:
+    """What the EMA moves this rank's targets toward: the (sharpened) prediction p (Eq. 12), or with
+    `target_source: refined` DivideMix's refinement w y + (1 - w) p, w = P(clean)."""
+    p = sharpen(stats.probs, cfg.sharpen)
+    if cfg.target_source == "prediction":
+        return p
+    w = clean[stats.ids][:, None]
+    given = np.eye(p.shape[1], dtype=np.float32)[labels[stats.ids]]
+    return (w * given + (1 - w) * p).astype(np.float32)
+
+
+def update_targets(tables: Tables, stats: RefreshStats, new: np.ndarray, momentum: float) -> None:
+    """Eq. 12 (t = a t + (1 - a) new) on this rank's rows, then every rank writes every rank's new rows."""
+    rows = tables.targets.ema_rows(stats.ids, torch.from_numpy(new), momentum).numpy()
     all_ids = np.concatenate(all_gather_rows(stats.ids))
     all_rows = np.concatenate(all_gather_rows(rows.astype(np.float32)))
     tables.targets.assign(all_ids, torch.from_numpy(all_rows))
@@ -88,10 +127,10 @@ def refresh_tables(cfg: Config, epoch: int, model, data: Data, plan, tables: Tab
     tables.clean = clean
     t2 = time.perf_counter()
     if 0 <= cfg.correction_epoch <= epoch:
-        update_targets(tables, stats, cfg.ema)
+        update_targets(tables, stats, target_rows(cfg, stats, data.train.labels, clean), cfg.ema)
     t3 = time.perf_counter()
     if cfg.knn_scope == "global":
-        tables.partners, recall = neighbour_table(stats, len(data.train), cfg)
+        tables.partners, recall = neighbour_table(stats, len(data.train), cfg, *neighbour_pool(cfg, tables))
     else:
         tables.partners, recall = None, None  # in-batch neighbours are found at each step
     t4 = time.perf_counter()
@@ -101,9 +140,54 @@ def refresh_tables(cfg: Config, epoch: int, model, data: Data, plan, tables: Tab
                                    if tables.partners is not None else None)}
     if recall is not None:
         out[f"knn_recall_at_{cfg.k}"] = recall
+    out.update(memorisation(stats, data.train))
+    if tables.partners is not None:
+        out.update(neighbour_diagnostics(tables.partners, data.train.labels, data.train.true_labels, plan.unique_ids))
     if fit is not None:
         out.update(gmm_mean_clean=fit.means[0], gmm_mean_noisy=fit.means[1], gmm_weight_clean=fit.weights[0])
     return out
+
+
+def memorisation(stats: RefreshStats, train: ShardDataset) -> dict:
+    """Training accuracy against the given labels (un-augmented, eval mode), separately on the truly clean
+    and the truly mislabelled samples: the memorisation curves (MixNN paper Fig. 2/7). Summed over ranks."""
+    given, true = train.labels[stats.ids], train.true_labels[stats.ids]
+    hit = stats.probs.argmax(1) == given
+    noisy, known = given != true, true >= 0
+    counts = np.array([[(hit & known & ~noisy).sum(), (known & ~noisy).sum(), (hit & noisy & known).sum(),
+                        (noisy & known).sum()]], dtype=np.int64)
+    total = np.concatenate(all_gather_rows(counts)).sum(0)
+    out = {}
+    if total[1]:
+        out["train_acc_given_truly_clean"] = float(total[0] / total[1])
+    if total[3]:
+        out["train_acc_given_truly_noisy"] = float(total[2] / total[3])
+    return out
+
+
+def memorisation_pass(cfg: Config, model, data: Data, plan, accelerator) -> dict:
+    """A forward-only pass over this rank's share of the epoch's ids, for methods without a refresh pass."""
+    if (data.train.true_labels < 0).all():
+        return {}
+    stats = refresh(accelerator.unwrap_model(model), data.train_plain, plan.refresh_slice(accelerator.process_index),
+                    accelerator, eval_batch_size(cfg, accelerator), cfg.workers)
+    return memorisation(stats, data.train)
+
+
+def neighbour_diagnostics(partners: np.ndarray, labels: np.ndarray, true_labels: np.ndarray, ids: np.ndarray) -> dict:
+    """Among the truly mislabelled anchors: how often the first neighbour's given label is the anchor's true
+    label, how often the neighbour is itself truly clean, and how often it shares the anchor's true class
+    (the MixNN paper's Fig. 3 statistic)."""
+    nb = partners[ids, 0]
+    ok = (nb >= 0) & (true_labels[ids] >= 0)
+    anchors, nb = ids[ok], nb[ok]
+    wrong = labels[anchors] != true_labels[anchors]
+    if not wrong.any():
+        return {}
+    a, n = anchors[wrong], nb[wrong]
+    return {"nn_given_is_anchor_true": float((labels[n] == true_labels[a]).mean()),
+            "nn_truly_clean": float((labels[n] == true_labels[n]).mean()),
+            "nn_same_true_class": float((true_labels[n] == true_labels[a]).mean())}
 
 
 def refresh_due(cfg: Config, epoch: int, tables: Tables) -> bool:

@@ -205,3 +205,58 @@ def test_folder(tmp_path):
     assert res["train"]["count"] == 6
     ds = ShardDataset(tmp_path / "s" / "train")
     assert ds.true_labels.tolist() == [0, 0, 0, 1, 1, 1] and ds.labels.tolist() == [1, 1, 1, 0, 0, 0]
+
+
+def test_ilsvrc12_val_from_imagenet_root(tmp_path):
+    """torchvision's ImageNet(root, split="val") takes the root: val/ inside, LOC_val_solution.csv beside it."""
+    make_webvision(tmp_path / "wv")
+    synsets = tmp_path / "wv" / "info" / "synsets.txt"
+    wnids = [f"n{1440764 + c:08d}" for c in (0, 1, 49, 50)]
+    names = ilsvrc_images(tmp_path / "imagenet" / "val", wnids, folders=False)
+    write_lines(tmp_path / "imagenet" / "LOC_val_solution.csv",
+                ["ImageId,PredictionString", *[f"{n.split('.')[0]},{w} 1 2 3 4" for n, w in names]])
+    res = run_prepare("ilsvrc12-val", "--root", tmp_path / "imagenet", "--out", tmp_path / "s", "--synsets", synsets,
+                      "--num-classes", "50")
+    assert res["ilsvrc12_val"]["count"] == 6
+    ilsvrc_images(tmp_path / "imagenet2" / "val", wnids)  # wnid folders under root/val
+    res = run_prepare("ilsvrc12-val", "--root", tmp_path / "imagenet2", "--out", tmp_path / "s2", "--synsets", synsets,
+                      "--num-classes", "50")
+    assert res["ilsvrc12_val"]["count"] == 6
+
+
+def test_split_with_no_samples_is_an_error(tmp_path, caplog):
+    make_webvision(tmp_path / "wv")
+    (tmp_path / "empty" / "val").mkdir(parents=True)
+    argv = ["ilsvrc12-val", "--root", str(tmp_path / "empty"), "--out", str(tmp_path / "s"),
+            "--synsets", str(tmp_path / "wv" / "info" / "synsets.txt"), "--num-classes", "50",
+            "--solution", str(tmp_path / "none.csv")]
+    write_lines(tmp_path / "none.csv", ["ImageId,PredictionString"])
+    assert main(argv) == 2
+    assert "split 'ilsvrc12_val' would be written with 0 samples" in caplog.text
+    assert not (tmp_path / "s" / "dataset.json").exists()
+
+
+def test_val_fraction_is_stratified_noisy_and_deterministic(tmp_path):
+    make_cifar10(tmp_path / "raw")  # 40 train samples, 4 per class
+    res = run_prepare("cifar10", "--root", tmp_path / "raw", "--out", tmp_path / "s", "--noise", "symmetric:0.5",
+                      "--seed", "3", "--val-fraction", "0.25")
+    assert res["train"]["count"] + res["val"]["count"] == 40 and res["test"]["count"] == 5
+    val, train = ShardDataset(tmp_path / "s" / "val"), ShardDataset(tmp_path / "s" / "train")
+    assert (val.true_labels >= 0).all() and (val.labels != val.true_labels).any()  # noisy labels kept, truth too
+    assert set(val.sources).isdisjoint(train.sources)
+    counts = np.bincount(np.concatenate([val.labels, train.labels]), minlength=10)
+    val_counts = np.bincount(val.labels, minlength=10)
+    assert val_counts.tolist() == [int(round(0.25 * c)) for c in counts]  # stratified by the given label
+    manifest = json.loads((tmp_path / "s" / "dataset.json").read_text())
+    assert manifest["val_split"]["fraction"] == 0.25
+    again = run_prepare("cifar10", "--root", tmp_path / "raw", "--out", tmp_path / "t", "--noise", "symmetric:0.5",
+                        "--seed", "3", "--val-fraction", "0.25")
+    assert ShardDataset(tmp_path / "t" / "val").sources.tolist() == val.sources.tolist()
+    assert again["val"] == res["val"]
+
+
+def test_train_subset_is_stratified(tmp_path):
+    make_cifar100(tmp_path / "raw")  # 400 train samples, 4 per class
+    res = run_prepare("cifar100", "--root", tmp_path / "raw", "--out", tmp_path / "s", "--train-subset", "200")
+    assert res["train"]["count"] == 200 and res["test"]["count"] == 20
+    assert np.bincount(ShardDataset(tmp_path / "s" / "train").labels, minlength=100).tolist() == [2] * 100

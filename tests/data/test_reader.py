@@ -49,15 +49,17 @@ def test_corrupt_sample_in_shard_is_skipped_and_counted(tmp_path, digits_shards)
         f.seek(offset)
         f.write(b"\0" * size)
     ds = ShardDataset(split, transform=EvalTransform(preset=get_preset("digits")), mode="L")
-    assert ds[4] is None
+    assert ds[4] == (None, -1, 4)  # unreadable: no image, the sample id kept
+    assert ds.read_error(4) and not ds.read_error(3)
     batch = next(iter(id_loader(ds, [np.array([3, 4, 5])], workers=0)))
     assert batch["skipped"] == 1 and batch["valid"].tolist() == [True, False, True]
+    assert batch["skipped_ids"] == [4]
     assert batch["ids"].tolist() == [3, -1, 5] and batch["images"][1].abs().sum() == 0
 
 
 def test_collate_all_skipped():
-    batch = collate_with_skips([None, None])
-    assert batch["images"] is None and batch["skipped"] == 2
+    batch = collate_with_skips([(None, -1, 3), (None, -1, 8)])
+    assert batch["images"] is None and batch["skipped"] == 2 and batch["skipped_ids"] == [3, 8]
 
 
 def test_stale_offset_table_is_rebuilt(tmp_path, digits_shards):
@@ -101,7 +103,7 @@ def test_decoded_cache_gives_the_same_samples_through_forked_workers(tmp_path, d
     assert augmenting.cached and augmenting.transform is not cached.transform
     for i in (0, 5, 359):
         assert torch.equal(cached[i][0], expected[i][0]) and cached[i][1:] == expected[i][1:]
-    assert cached[7] is None
+    assert cached[7][0] is None
     batches = [np.array([0, 7, 5]), np.array([359, 1])]
     for workers in (0, 2):
         out = list(id_loader(cached, batches, workers=workers))

@@ -4,23 +4,42 @@ One file a method; `base` holds the tables, soft cross-entropy and the mixing he
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .base import CrossEntropy, Tables, clean_weights, group_rows, mix_groups, soft_cross_entropy, unwrap
 from .mixnn import MixNN, MixNNInBatch
 from .mixup import Mixup
+from .select import ConfidentLearning, Select, SelectCorrect
 from .selectmix import SelectMix
 
-__all__ = ["CrossEntropy", "Mixup", "MixNN", "MixNNInBatch", "SelectMix", "Tables", "clean_weights", "create_method",
+__all__ = ["ConfidentLearning", "CrossEntropy", "Mixup", "MixNN", "MixNNInBatch", "Select", "SelectCorrect", "SelectMix", "Tables", "clean_weights", "create_method",
            "group_rows", "mix_groups", "soft_cross_entropy", "unwrap"]
 
 
-def create_method(cfg) -> CrossEntropy:
-    """The configured method object."""
+NEEDS_CROSS_VALIDATION = ("selectmix", "confident-learning")
+
+
+def create_method(cfg, labels: np.ndarray | None = None, num_classes: int = 0, oos: np.ndarray | None = None):
+    """The configured method object; `labels` are the given labels by sample id, `oos` the out-of-sample
+    probabilities of the cross-validation stage (SelectMix, Confident Learning)."""
+    if cfg.method in NEEDS_CROSS_VALIDATION and oos is None:
+        raise ValueError(f"--method {cfg.method} needs the out-of-sample probabilities of train.crossval")
     if cfg.method == "ce":
         return CrossEntropy()
     if cfg.method == "mixup":
         return Mixup(cfg.mixup_alpha)
     if cfg.method == "mixnn" and getattr(cfg, "knn_scope", "global") == "batch":
-        return MixNNInBatch(cfg.k, cfg.weights)
+        return MixNNInBatch(cfg.k, cfg.weights, cfg.mixup_alpha)
     if cfg.method == "mixnn":
-        return MixNN(cfg.k, cfg.weights, cfg.partners)
-    raise ValueError(f"--method {cfg.method!r}: expected ce, mixup or mixnn")
+        return MixNN(cfg.k, cfg.weights, cfg.partners, cfg.mixup_alpha)
+    if cfg.method == "select":
+        return Select(cfg.clean_threshold)
+    if cfg.method == "select-correct":
+        return SelectCorrect(labels, num_classes, cfg.clean_threshold)
+    if cfg.method == "selectmix":
+        return SelectMix(oos, labels, threshold=cfg.selectmix_threshold, confident=cfg.selectmix_confident,
+                         alpha=cfg.mixup_alpha, rule=cfg.selectmix_rule)
+    if cfg.method == "confident-learning":
+        return ConfidentLearning(oos, labels)
+    raise ValueError(f"--method {cfg.method!r}: expected one of ce, mixup, mixnn, selectmix, select, "
+                     "select-correct, confident-learning")

@@ -54,6 +54,11 @@ class CrossEntropy:
     """Plain cross-entropy against the current targets (one-hot given labels unless corrected)."""
 
     name, num_partners = "ce", 0
+    uses_tables = False  # True: the epoch refreshes the per-sample tables (GMM, targets, neighbours) first
+
+    def train_ids(self, ids: np.ndarray, tables: Tables) -> np.ndarray | None:
+        """The ids this epoch trains on, when the method keeps only some of the epoch's ids (else None)."""
+        return None
 
     def partner_ids(self, anchors: np.ndarray, tables: Tables, epoch_ids: np.ndarray, rng) -> np.ndarray:
         return np.zeros((len(anchors), 0), dtype=np.int64)

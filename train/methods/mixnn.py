@@ -9,18 +9,30 @@ from index.knn import knn_in_batch
 from .base import CrossEntropy, Tables, clean_weights, group_rows, mix_groups, unwrap
 
 
+def beta_weights(n: int, groups: int, alpha: float, generator: torch.Generator) -> torch.Tensor:
+    """[n, groups] weights: the anchor keeps max(lam, 1 - lam), lam ~ Beta(alpha, alpha); the partners share
+    the rest equally. Drawn from `generator` (seeded per step) so a resumed run draws the same."""
+    seed = int(torch.randint(2**31, (1,), generator=generator))
+    lam = torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, size=n)).float()
+    lam = torch.maximum(lam, 1 - lam)
+    rest = ((1 - lam) / max(groups - 1, 1))[:, None].expand(n, groups - 1)
+    return torch.cat([lam[:, None], rest], 1)
+
+
 class MixNN(CrossEntropy):
     """Mix each sample with its K nearest neighbours, weighted by clean probabilities (Eq. 4, 5, 10, 11).
 
-    Ablations: `weights` avg (equal) or random (Dirichlet(1)); `partners` random instead of knn.
+    Options: `weights` avg (equal), random (Dirichlet(1)) or beta (the anchor keeps lam ~ Beta(alpha, alpha),
+    max(lam, 1 - lam), the neighbours share the rest); `partners` random instead of knn.
     """
 
-    name = "mixnn"
+    name, uses_tables = "mixnn", True
 
-    def __init__(self, k: int = 1, weights: str = "clean", partners: str = "knn"):
-        if weights not in ("clean", "avg", "random") or partners not in ("knn", "random"):
-            raise ValueError(f"MixNN: weights must be clean|avg|random and partners knn|random, got {weights}, {partners}")
-        self.num_partners, self.weights, self.partners = k, weights, partners
+    def __init__(self, k: int = 1, weights: str = "clean", partners: str = "knn", alpha: float = 1.0):
+        if weights not in ("clean", "avg", "random", "beta") or partners not in ("knn", "random"):
+            raise ValueError(f"MixNN: weights must be clean|avg|random|beta and partners knn|random, "
+                             f"got {weights}, {partners}")
+        self.num_partners, self.weights, self.partners, self.alpha = k, weights, partners, alpha
 
     def partner_ids(self, anchors, tables, epoch_ids, rng):
         if self.partners == "random" or tables.partners is None:
@@ -34,6 +46,8 @@ class MixNN(CrossEntropy):
         if self.weights == "random":
             draw = -torch.log(torch.rand(ids.shape, generator=generator).clamp_min(1e-12))  # Exp(1)
             return draw / draw.sum(1, keepdim=True)
+        if self.weights == "beta":
+            return beta_weights(len(ids), ids.shape[1], self.alpha, generator)
         return clean_weights(torch.from_numpy(tables.clean[ids.numpy()]).float())
 
     def inputs_targets(self, batch, tables, generator, model=None):
@@ -50,8 +64,8 @@ class MixNNInBatch(MixNN):
 
     name = "mixnn"
 
-    def __init__(self, k: int = 1, weights: str = "clean"):
-        super().__init__(k, weights, "knn")
+    def __init__(self, k: int = 1, weights: str = "clean", alpha: float = 1.0):
+        super().__init__(k, weights, "knn", alpha)
         self.k, self.num_partners = k, 0  # partners come from the batch itself, none are read by id
 
     def inputs_targets(self, batch, tables, generator, model=None):

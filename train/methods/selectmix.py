@@ -34,7 +34,8 @@ def split_uncertain(oos: np.ndarray, labels: np.ndarray, *, threshold: float, co
     """(uncertain [N] bool, confident [N] bool) from out-of-sample probabilities [N, C].
 
     mismatch: uncertain when the prediction disagrees with the given label or p(given) < threshold;
-    cleanlab: uncertain = cleanlab.filter.find_label_issues on the same probabilities.
+    cleanlab: uncertain = cleanlab.filter.find_label_issues on the same probabilities;
+    precursor: uncertain when the prediction disagrees with the given label (nothing else).
     Confident: prediction = given label with p(given) >= `confident`.
     """
     pred = oos.argmax(1)
@@ -45,8 +46,10 @@ def split_uncertain(oos: np.ndarray, labels: np.ndarray, *, threshold: float, co
         uncertain = find_label_issues(labels, oos)
     elif rule == "mismatch":
         uncertain = (pred != labels) | (p_given < threshold)
+    elif rule == "precursor":
+        uncertain = pred != labels
     else:
-        raise ValueError(f"selectmix_rule must be mismatch or cleanlab, got {rule!r}")
+        raise ValueError(f"selectmix_rule must be mismatch, cleanlab or precursor, got {rule!r}")
     return uncertain, (pred == labels) & (p_given >= confident) & ~uncertain
 
 
@@ -61,13 +64,15 @@ class SelectMix(CrossEntropy):
         self.labels = labels
         self.uncertain, self.confident = split_uncertain(oos, labels, threshold=threshold, confident=confident,
                                                          rule=rule)
-        self.alpha = alpha
+        self.alpha, self.precursor = alpha, rule == "precursor"
         pred = oos.argmax(1)
         agree = (pred == labels) & ~self.uncertain
-        # partners: the confident samples of a class; where a class has none (heavy noise), the samples
-        # whose prediction agrees with their label
-        self.pools = {c: np.flatnonzero(self.confident & (labels == c)) for c in np.unique(labels)}
-        self.pools = {c: pool if len(pool) else np.flatnonzero(agree & (labels == c)) for c, pool in self.pools.items()}
+        if self.precursor:  # any sample labelled with the predicted class
+            self.pools = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
+        else:  # the confident samples of a class; where a class has none (heavy noise), those agreeing with it
+            self.pools = {c: np.flatnonzero(self.confident & (labels == c)) for c in np.unique(labels)}
+            self.pools = {c: pool if len(pool) else np.flatnonzero(agree & (labels == c))
+                          for c, pool in self.pools.items()}
         self.likely = pred
 
     def epoch_metrics(self, true_labels):
@@ -88,13 +93,18 @@ class SelectMix(CrossEntropy):
         anchors, partners = ids[:, 0], ids[:, 1]
         uncertain = torch.from_numpy(self.uncertain[anchors.numpy()])
         mixed = uncertain & (anchors != partners)
-        lam = torch.distributions.Beta(self.alpha, self.alpha).sample((len(ids),)) if self.alpha > 0 \
-            else torch.full((len(ids),), 0.5)
-        lam = torch.where(mixed, torch.maximum(lam, 1 - lam), torch.ones_like(lam))  # the anchor dominates
+        seed = int(torch.randint(2**31, (1,), generator=generator))  # per step: a resumed run draws the same
+        lam = torch.from_numpy(np.random.default_rng(seed).beta(self.alpha, self.alpha, size=len(ids))).float() \
+            if self.alpha > 0 else torch.full((len(ids),), 0.5)
+        if not self.precursor:
+            lam = torch.maximum(lam, 1 - lam)  # the anchor dominates
+        lam = torch.where(mixed, lam, torch.ones_like(lam))
         num_classes = self.oos.shape[1]
-        # an uncertain sample never trains on its given label: its own part is the out-of-sample soft label
-        own = torch.where(uncertain[:, None], torch.from_numpy(self.oos[anchors.numpy()]),
-                          tables.targets.rows(anchors))
+        # ours: an uncertain sample never trains on its given label, its own part is the out-of-sample soft
+        # label; the precursor keeps lam * CE(given)
+        own = tables.targets.rows(anchors)
+        if not self.precursor:
+            own = torch.where(uncertain[:, None], torch.from_numpy(self.oos[anchors.numpy()]), own)
         partner = torch.nn.functional.one_hot(torch.from_numpy(self.labels[partners.numpy()]), num_classes).float()
         targets = lam[:, None] * own + (1 - lam[:, None]) * partner
         lam_x = lam.to(images.device).view(-1, *([1] * (images.dim() - 2)))

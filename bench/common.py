@@ -1,0 +1,181 @@
+"""What the robustness and ablation benchmarks share: preparing each noisy data set once, running one
+training configuration in a subprocess (kept with --reuse), reading its results, formatting tables.
+
+Method names are `VARIANTS` keys: a method and the options that make the variant, e.g. `mixnn-randpartner`.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RAW = {"fashion-mnist": "/usr/share/datasets/fashion-mnist", "mnist": "/usr/share/datasets/mnist"}
+CONFIGS = {"fashion-mnist": "fashion_mnist", "cifar10": "cifar10", "cifar100": "cifar100"}
+
+# name -> training arguments. "clean" trains CE on the data set prepared without noise (the ceiling).
+VARIANTS = {
+    "ce": ["--method", "ce"],
+    "clean": ["--method", "ce"],
+    "mixup": ["--method", "mixup"],
+    "select": ["--method", "select"],
+    "select-correct": ["--method", "select-correct"],
+    "confident-learning": ["--method", "confident-learning"],
+    "selectmix": ["--method", "selectmix"],
+    "selectmix-precursor": ["--method", "selectmix", "--selectmix_rule", "precursor"],
+    "selectmix-cleanlab": ["--method", "selectmix", "--selectmix_rule", "cleanlab"],
+    "mixnn": ["--method", "mixnn"],
+    # MixNN as the paper describes it (Eq. 10/11 weights, all-sample neighbours, EMA 0.9 toward p from E_s)
+    "mixnn-paper": ["--method", "mixnn", "--config_overlay", "mixnn_paper"],
+    # ablations of the paper's MixNN
+    "mixnn-avg": ["--method", "mixnn", "--weights", "avg"],
+    "mixnn-random": ["--method", "mixnn", "--weights", "random"],
+    "mixnn-beta": ["--method", "mixnn", "--weights", "beta"],
+    "mixnn-nocorr": ["--method", "mixnn", "--correction_epoch", "-1"],
+    "mixnn-randpartner": ["--method", "mixnn", "--partners", "random"],
+    "mixnn-batch": ["--method", "mixnn", "--knn_scope", "batch"],
+    "mixnn-window1": ["--method", "mixnn", "--gmm_loss_window", "1"],
+    "mixnn-window5": ["--method", "mixnn", "--gmm_loss_window", "5"],
+    "mixnn-corrloss": ["--method", "mixnn", "--gmm_loss", "corrected", "--gmm_loss_window", "1"],
+    "mixnn-refresh2": ["--method", "mixnn", "--refresh_every", "2"],
+    "mixnn-poolclean": ["--method", "mixnn", "--neighbour_pool", "clean"],
+    "mixnn-poolclass": ["--method", "mixnn", "--neighbour_pool", "class"],
+    "mixnn-mixstart": ["--method", "mixnn", "--mix_start", "correction"],
+    "mixnn-cosine": ["--method", "mixnn", "--metric", "cosine"],
+    "mixnn-refined": ["--method", "mixnn", "--target_source", "refined"],
+}
+
+
+def parse_variant(name: str) -> list[str]:
+    """Arguments of a variant: a `VARIANTS` key, optionally followed by `+key=value` overrides
+    (e.g. `mixnn+ema=0.5+sharpen=0.5`)."""
+    base, *extra = name.split("+")
+    if base not in VARIANTS:
+        raise SystemExit(f"unknown method/variant {base!r}; known: {', '.join(VARIANTS)}")
+    args = list(VARIANTS[base])
+    for item in extra:
+        key, _, value = item.partition("=")
+        args += [f"--{key}", value]
+    return args
+
+
+def data_dir(workdir: Path, dataset: str, noise: str, seed: int, val_fraction: float, subset: int = 0) -> Path:
+    """The shards folder of one (data set, noise, seed); digits uses the name train/main.py would use."""
+    val = f"-val{val_fraction:g}" if val_fraction else ""
+    sub = f"-n{subset}" if subset else ""
+    return workdir / "shards" / f"{dataset}-{noise.replace(':', '')}-s{seed}{val}{sub}"
+
+
+def prepare(workdir: Path, dataset: str, noise: str, seed: int, val_fraction: float, subset: int = 0,
+            raw: str | None = None) -> Path:
+    """Prepare the shards once (digits and the IDX data sets by themselves; CIFAR must be prepared by the user)."""
+    out = data_dir(workdir, dataset, noise, seed, val_fraction, subset)
+    if (out / "dataset.json").is_file():
+        return out
+    if dataset not in ("digits", "fashion-mnist", "mnist"):
+        raise SystemExit(f"{out} missing: python -m data.prepare {dataset} --root RAW --out {out} "
+                         f"--noise {noise} --seed {seed} --val-fraction {val_fraction}")
+    cmd = [sys.executable, "-m", "data.prepare", dataset, "--out", str(out), "--seed", str(seed)]
+    cmd += ["--noise", noise] if noise != "none" else []
+    cmd += ["--val-fraction", str(val_fraction)] if val_fraction else []
+    cmd += ["--train-subset", str(subset)] if subset else []
+    cmd += ["--root", raw or RAW[dataset]] if dataset != "digits" else []
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if result.returncode:
+        raise SystemExit(f"preparing {out} failed:\n{result.stderr[-2000:]}")
+    return out
+
+
+def run_training(name: str, data: Path, dataset: str, method_args: list[str], seed: int, epochs: int, out: Path,
+                 reuse: bool, extra: list[str], workdir: Path, threads: int = 1) -> dict:
+    """Train one configuration in a subprocess (or reuse a finished run of the same epochs); its results."""
+    run = out / name
+    if reuse and (run / "final.json").is_file() and json.loads((run / "final.json").read_text())["epochs"] == epochs:
+        return read_result(run)
+    files = [str(REPO / "launch" / "configs" / f"{CONFIGS[dataset]}.yaml")] if dataset in CONFIGS else []
+    if "--config_overlay" in method_args:  # a named method config layered over the data set's config
+        i = method_args.index("--config_overlay")
+        files.append(str(REPO / "launch" / "configs" / f"{method_args[i + 1]}.yaml"))
+        method_args = method_args[:i] + method_args[i + 2:]
+    config = ["--config", ",".join(files)] if files else ["--dataset", dataset]
+    cmd = [sys.executable, str(REPO / "train" / "main.py"), *config, "--data", str(data),
+           "--seed", str(seed), "--epochs", str(epochs), "--output", str(out), "--run_name", name,
+           "--progress", "false", *method_args, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
+    if result.returncode:
+        raise RuntimeError(f"{name} failed:\n{result.stderr[-3000:]}")
+    return read_result(run)
+
+
+def read_result(run: Path) -> dict:
+    """final.json's last and best records, plus the last value of every diagnostic column of summary.csv."""
+    final = json.loads((run / "final.json").read_text())
+    out = {**final["last"], "best": final["best"], "seconds": final.get("train_seconds_total")}
+    rows = list(csv.DictReader((run / "summary.csv").open()))
+    for key in rows[0] if rows else []:
+        values = [r[key] for r in rows if r.get(key) not in ("", None)]
+        if values and key.startswith(("nn_", "train_acc_given_", "uncertain_", "removed_", "clean_fraction")):
+            out[key] = float(values[-1])
+    return out
+
+
+def fmt(values: list, scale: float = 1.0) -> str:
+    """mean ± std of the values that exist, or '-'."""
+    v = np.array([x for x in values if x is not None], dtype=float) * scale
+    return f"{v.mean():.1f} ± {v.std():.1f}" if len(v) else "-"
+
+
+def mean(values: list) -> float | None:
+    v = [x for x in values if x is not None]
+    return float(np.mean(v)) if v else None
+
+
+def add_grid_arguments(p) -> None:
+    """Options every grid benchmark takes."""
+    p.add_argument("--dataset", default="digits", help="digits | fashion-mnist | mnist (prepared here from the IDX "
+                   "files, --raw) | cifar10 | cifar100 (prepared by the user as shards/<dataset>-<noise>-s<seed>-val<F>)")
+    p.add_argument("--raw", help="folder of the IDX files (default: Debian's /usr/share/datasets/<dataset>)")
+    p.add_argument("--noises", default="symmetric:0.4,symmetric:0.8,pairflip:0.4")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--val-fraction", type=float, default=0.1, help="noisy val split carved out of train")
+    p.add_argument("--train-subset", type=int, default=0, help="stratified subset of train (quick studies)")
+    p.add_argument("--parallel", type=int, default=2, help="runs at once (each with --threads threads)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reuse", action="store_true", help="keep finished runs (an interrupted grid continues)")
+    p.add_argument("--workdir", type=Path, default=Path.cwd())
+
+
+def run_grid(args, noises: list[str], variants: list[str], seeds: list[int], extra: list[str]) -> dict:
+    """Every (noise, variant, seed) run, `args.parallel` at a time; {(noise, variant, seed): result}.
+    Runs that fail are reported and left out (the table shows '-')."""
+    import itertools
+    from concurrent.futures import ThreadPoolExecutor
+
+    grid = list(itertools.product(noises, variants, seeds))
+    for noise, seed in itertools.product(noises, seeds):  # prepare serially before the runs race for it
+        prepare(args.workdir, args.dataset, noise, seed, args.val_fraction, args.train_subset, args.raw)
+    if "clean" in variants:
+        for seed in seeds:
+            prepare(args.workdir, args.dataset, "none", seed, args.val_fraction, args.train_subset, args.raw)
+
+    def one(item):
+        noise, variant, seed = item
+        data_noise = "none" if variant == "clean" else noise
+        data = data_dir(args.workdir, args.dataset, data_noise, seed, args.val_fraction, args.train_subset)
+        name = f"{variant}-{data_noise.replace(':', '')}-s{seed}"
+        try:
+            return run_training(name, data, args.dataset, parse_variant(variant), seed, args.epochs, args.out,
+                                args.reuse, extra, args.workdir, args.threads)
+        except RuntimeError as e:
+            print(e, file=sys.stderr, flush=True)
+            return None
+
+    with ThreadPoolExecutor(args.parallel) as pool:
+        return dict(zip(grid, pool.map(one, grid)))

@@ -1,0 +1,73 @@
+"""Selection baselines: the simplest uses of a noise detector, as the reference our mixing methods must beat.
+
+- `select`: after warm-up, cross-entropy only on the samples the GMM judges clean (P(clean) above the
+  threshold), refreshed every epoch.
+- `select-correct`: every sample; the clean ones on their given label, the others on their corrected
+  soft target (the run's `target_source`/`ema` correction).
+- `confident-learning`: cleanlab's `find_label_issues` on K-fold out-of-sample probabilities (the same
+  cross-validation stage as SelectMix), then cross-entropy on the samples it keeps, for the whole run.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .base import CrossEntropy, Tables, group_rows
+
+
+class Select(CrossEntropy):
+    """CE on the samples judged clean by the last GMM."""
+
+    name, uses_tables = "select", True
+
+    def __init__(self, threshold: float = 0.5):
+        self.threshold = threshold
+
+    def train_ids(self, ids: np.ndarray, tables: Tables) -> np.ndarray | None:
+        if tables.clean is None:
+            return None
+        return ids[tables.clean[ids] > self.threshold]
+
+
+class SelectCorrect(CrossEntropy):
+    """Clean samples on their given label, the others on their corrected soft target."""
+
+    name, uses_tables = "select-correct", True
+
+    def __init__(self, labels: np.ndarray, num_classes: int, threshold: float = 0.5):
+        self.labels, self.num_classes, self.threshold = labels, num_classes, threshold
+
+    def inputs_targets(self, batch, tables: Tables, generator, model=None):
+        images, ids, valid = group_rows(batch, 0)
+        ids = ids[valid, 0].cpu()
+        soft = tables.targets.rows(ids)
+        if tables.clean is not None:
+            given = F.one_hot(torch.from_numpy(self.labels[ids.numpy()]), self.num_classes).float()
+            clean = torch.from_numpy(tables.clean[ids.numpy()] > self.threshold)[:, None]
+            soft = torch.where(clean, given, soft)
+        return images[valid, 0], soft.to(images.device)
+
+
+class ConfidentLearning(CrossEntropy):
+    """CE on the samples cleanlab does not flag, from out-of-sample probabilities [N, C]."""
+
+    name = "confident-learning"
+
+    def __init__(self, oos: np.ndarray, labels: np.ndarray):
+        from cleanlab.filter import find_label_issues
+
+        self.issues = find_label_issues(labels, oos)  # [N] bool
+        self.labels = labels
+
+    def train_ids(self, ids: np.ndarray, tables: Tables) -> np.ndarray | None:
+        return ids[~self.issues[ids]]
+
+    def epoch_metrics(self, true_labels: np.ndarray) -> dict:
+        out = {"removed_fraction": float(self.issues.mean())}
+        known = true_labels >= 0
+        if known.any():
+            wrong = (self.labels != true_labels) & known
+            out["removed_precision"] = float((wrong & self.issues).sum() / max((self.issues & known).sum(), 1))
+            out["removed_recall"] = float((wrong & self.issues).sum() / max(wrong.sum(), 1))
+        return out
