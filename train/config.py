@@ -126,14 +126,22 @@ def convert(key: str, value, kind: type):
         raise ConfigError(f"--{key}: expected {kind.__name__}, got {value!r}") from None
 
 
+def similar_keys(key: str, known: list[str]) -> list[str]:
+    """Up to three known keys a mistyped one probably meant: those sharing its first word, then close spellings."""
+    head = key.split("_")[0]
+    same_head = [k for k in known if k == head or k.startswith(head + "_")]
+    return list(dict.fromkeys(same_head + difflib.get_close_matches(key, known, n=3)))[:3]
+
+
 def apply(cfg: Config, values: dict, origin: str) -> Config:
     """Set known keys; unknown keys are an error naming the closest known one."""
     types = field_types()
     for key, value in values.items():
         key = key.replace("-", "_")
         if key not in types:
-            close = difflib.get_close_matches(key, types, n=1)
-            raise ConfigError(f"{origin}: unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            close = similar_keys(key, list(types))
+            raise ConfigError(f"{origin}: unknown key {key!r}" +
+                              (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
         setattr(cfg, key, convert(key, value, types[key]))
     return cfg
 

@@ -89,8 +89,8 @@ def test_malformed_annotation_names_file_and_line(tmp_path, caplog):
 
 
 def test_byte_identical_reruns(tmp_path, digits_shards):
-    run_prepare("digits", "--out", tmp_path / "again", "--noise", "symmetric:0.4")
-    for split in ("train", "test"):
+    run_prepare("digits", "--out", tmp_path / "again", "--noise", "symmetric:0.4", "--val-fraction", "0.1")
+    for split in ("train", "val", "test"):
         a = (digits_shards / split / "shard-000000.tar").read_bytes()
         assert a == (tmp_path / "again" / split / "shard-000000.tar").read_bytes()
 
@@ -98,11 +98,12 @@ def test_byte_identical_reruns(tmp_path, digits_shards):
 def test_digits_manifest_and_sample_fields(digits_shards):
     manifest = json.loads((digits_shards / "dataset.json").read_text())
     train = manifest["splits"]["train"]
-    assert train["count"] == 1437 and manifest["splits"]["test"]["count"] == 360
+    assert train["count"] == 1294 and manifest["splits"]["val"]["count"] == 143
+    assert manifest["splits"]["test"]["count"] == 360
     assert 0.35 < train["realised_noise_rate"] < 0.45
     assert manifest["noise"]["spec"] == "symmetric:0.4"
     index = json.loads((digits_shards / "train" / "index.json").read_text())
-    assert index["wids_version"] == 1 and sum(s["nsamples"] for s in index["shardlist"]) == 1437
+    assert index["wids_version"] == 1 and sum(s["nsamples"] for s in index["shardlist"]) == 1294
     fields = members(digits_shards / "train" / "shard-000000.tar")
     assert fields["000000005.idx"] == b"5"
     assert {"000000005.png", "000000005.cls", "000000005.true.cls", "000000005.src.txt"} <= set(fields)

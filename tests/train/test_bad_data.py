@@ -1,5 +1,6 @@
-"""A shard damaged after preparation: the run skips and counts the sample, and finishes."""
+"""A shard damaged after preparation: the run skips and counts the sample, lists it, and finishes."""
 import csv
+import json
 import shutil
 import subprocess
 import sys
@@ -24,3 +25,9 @@ def test_damaged_training_sample_is_skipped_and_counted(tmp_path, digits_shards)
     rows = list(csv.DictReader((tmp_path / "runs" / "r" / "summary.csv").open()))
     assert int(rows[0]["skipped_train"]) == 2  # warm-up: each damaged anchor once
     assert int(rows[1]["skipped_train"]) >= 2  # MixNN: anchors, plus any group using them as neighbour
+    final = json.loads((tmp_path / "runs" / "r" / "final.json").read_text())
+    assert final["unreadable_train_samples"] == 2  # distinct samples, not reads
+    listed = list(csv.DictReader((tmp_path / "runs" / "r" / "unreadable_train.csv").open()))
+    assert [int(r["id"]) for r in listed] == [10, 11]
+    assert listed[0]["source"] == str(ds.sources[10]) and listed[0]["error"]
+    assert "2 distinct unreadable training samples" in result.stdout

@@ -38,7 +38,7 @@ def test_two_rank_run_completes_with_identical_tables(full_run):
     assert 0 < final["last"]["label_correction_accuracy"] <= 1 and "noise_recall" in final["last"]
     assert "test_top1" in result.stdout  # the printed summary
     state = torch.load(run / "last.pt", weights_only=True)
-    assert state["epoch"] == 4 and len(state["rng"]) == 2 and state["partners"].shape == (1437, 1)
+    assert state["epoch"] == 4 and len(state["rng"]) == 2 and state["partners"].shape == (1294, 1)
     assert (run / "best.pt").is_file() and len(list((run / "checkpoints").glob("*.pt"))) == 2
     assert (run / "config.yaml").is_file()
 
@@ -78,7 +78,7 @@ def test_report_rows_match_the_run_tables_and_reproduce_from_checkpoint(full_run
     run, _ = full_run
     state = torch.load(run / "last.pt", weights_only=True)
     rows = list(csv.DictReader((run / "labels.csv").open()))
-    assert len(rows) == 1437
+    assert len(rows) == 1294
     values = state["targets"]["values"].float()
     for row in rows[:50]:
         i = int(row["sample_id"])

@@ -88,11 +88,52 @@ def test_random_weights_and_partners_ablations():
     assert torch.allclose(w.sum(1), torch.ones(4)) and w.std() > 0.05
 
 
-def test_create_method_rejects_unknown():
+def test_create_method_rejects_unknown_and_needs_folds():
     class C:
         method, k, weights, partners, mixup_alpha = "dividemix", 1, "clean", "knn", 1.0
-    with pytest.raises(ValueError, match="expected ce, mixup or mixnn"):
+    with pytest.raises(ValueError, match="expected one of ce, mixup, mixnn"):
         create_method(C())
+    C.method = "selectmix"
+    with pytest.raises(ValueError, match="out-of-sample"):
+        create_method(C(), np.zeros(3, int), 2)
+
+
+def test_beta_weights_keep_the_anchor_dominant_and_follow_the_generator():
+    from train.methods.mixnn import beta_weights
+
+    w = beta_weights(500, 3, 1.0, torch.Generator().manual_seed(4))
+    assert torch.allclose(w.sum(1), torch.ones(500)) and (w[:, 0] >= 0.5).all()
+    assert torch.allclose(w[:, 1], w[:, 2]) and w[:, 0].std() > 0.1  # neighbours share the rest; lam varies
+    assert torch.equal(w, beta_weights(500, 3, 1.0, torch.Generator().manual_seed(4)))
+
+
+def test_select_trains_on_clean_ids_and_select_correct_targets():
+    from train.methods import SelectCorrect, Select
+
+    targets = SoftTargets(np.array([0, 1, 1]), 2)
+    targets.assign(np.array([2]), torch.tensor([[0.8, 0.2]]))  # sample 2's corrected target
+    tables = Tables(targets, clean=np.array([0.9, 0.2, 0.1], np.float32))
+    assert Select(0.5).train_ids(np.arange(3), tables).tolist() == [0]
+    assert Select(0.5).train_ids(np.arange(3), Tables(targets)) is None  # before the first GMM: everything
+    method = SelectCorrect(np.array([0, 1, 1]), 2, threshold=0.5)
+    _, y = method.inputs_targets(fake_batch([0, 2]), tables, torch.Generator())
+    assert y.tolist() == [[1.0, 0.0], pytest.approx([0.8, 0.2], abs=1e-3)]  # clean: given; noisy: corrected
+
+
+def test_confident_learning_keeps_what_cleanlab_does_not_flag():
+    from train.methods import ConfidentLearning
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 50)
+    oos = np.where(labels[:, None] == np.arange(2), 0.9, 0.1).astype(np.float32)
+    wrong = rng.choice(100, 10, replace=False)
+    oos[wrong] = oos[wrong][:, ::-1]  # these look like the other class
+    method = ConfidentLearning(oos, labels)
+    kept = method.train_ids(np.arange(100), None)
+    assert set(wrong).isdisjoint(kept) and len(kept) == 90
+    truth = labels.copy()
+    truth[wrong] = 1 - truth[wrong]
+    assert method.epoch_metrics(truth)["removed_precision"] == 1.0
 
 
 def test_in_batch_scope_mixes_with_the_nearest_sample_of_the_batch():

@@ -1,0 +1,54 @@
+"""The per-sample tables: refined targets, neighbour pools, and the diagnostics of kNN vs random partners."""
+import numpy as np
+import pytest
+from types import SimpleNamespace
+
+from train.config import Config
+from train.loop import RefreshStats
+from train.methods import Tables
+from train.tables import memorisation, neighbour_diagnostics, neighbour_pool, neighbour_table, sharpen, target_rows
+from train.targets import SoftTargets
+
+
+def test_refined_targets_follow_the_clean_probability():
+    stats = RefreshStats(np.array([0, 1]), np.array([[0.2, 0.8], [0.6, 0.4]], np.float32), np.zeros((2, 1)))
+    labels, clean = np.array([0, 0]), np.array([1.0, 0.25], np.float32)
+    cfg = Config(target_source="refined", sharpen=1.0)
+    assert np.allclose(target_rows(cfg, stats, labels, clean), [[1.0, 0.0], [0.25 + 0.75 * 0.6, 0.75 * 0.4]])
+    assert np.allclose(target_rows(Config(), stats, labels, clean), stats.probs)  # Eq. 12's p
+    sharp = sharpen(np.array([[0.6, 0.4]]), 0.5)
+    assert np.allclose(sharp, [[0.36 / 0.52, 0.16 / 0.52]])
+
+
+def test_neighbour_pools_limit_where_neighbours_come_from():
+    # two tight clusters; samples 0 and 3 are judged noisy and must never be found as neighbours
+    emb = np.array([[0.0, 0], [0.1, 0], [0.2, 0], [5.0, 0], [5.1, 0], [5.2, 0]], np.float32)
+    stats = RefreshStats(np.arange(6), np.zeros((6, 2), np.float32), emb)
+    targets = SoftTargets(np.array([0, 0, 0, 1, 1, 0]), 2)  # sample 5's corrected label is 0
+    tables = Tables(targets, clean=np.array([0.1, 0.9, 0.9, 0.2, 0.9, 0.9], np.float32))
+    cfg = Config(neighbour_pool="clean")
+    table, _ = neighbour_table(stats, 6, cfg, *neighbour_pool(cfg, tables))
+    assert table[:, 0].tolist() == [1, 2, 1, 4, 5, 4]
+    cfg = Config(neighbour_pool="class")
+    table, _ = neighbour_table(stats, 6, cfg, *neighbour_pool(cfg, tables))
+    assert table[:, 0].tolist() == [1, 2, 1, 4, -1, 2]  # 4: no other clean sample of class 1; 5 searches class 0
+    assert neighbour_pool(Config(), tables) == (None, None)
+
+
+def test_neighbour_diagnostics_by_hand():
+    labels = np.array([0, 1, 0, 1])  # given
+    true = np.array([0, 0, 0, 1])  # sample 1 is mislabelled (truly 0)
+    partners = np.array([[1], [0], [0], [2]])
+    out = neighbour_diagnostics(partners, labels, true, np.arange(4))
+    # the only mislabelled anchor (1) has neighbour 0: given 0 = its true class, truly clean, same true class
+    assert out == {"nn_given_is_anchor_true": 1.0, "nn_truly_clean": 1.0, "nn_same_true_class": 1.0}
+    partners[1] = 3  # now its neighbour is a clean sample of another class
+    out = neighbour_diagnostics(partners, labels, true, np.arange(4))
+    assert out["nn_given_is_anchor_true"] == 0.0 and out["nn_same_true_class"] == 0.0
+
+
+def test_memorisation_separates_clean_and_mislabelled():
+    train = SimpleNamespace(labels=np.array([0, 0, 1, 1]), true_labels=np.array([0, 0, 0, 1]))
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.4, 0.6]], np.float32)  # predicts 0, 1, 1, 1
+    out = memorisation(RefreshStats(np.arange(4), probs, np.zeros((4, 1))), train)
+    assert out == {"train_acc_given_truly_clean": pytest.approx(2 / 3), "train_acc_given_truly_noisy": 1.0}
