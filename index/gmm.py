@@ -21,6 +21,8 @@ class CleanFit:
     prob: np.ndarray  # [n] float32 in [0, 1]
     means: tuple[float, float]  # (clean, noisy) on the min-max normalised scale
     weights: tuple[float, float]
+    stds: tuple[float, float] = (0.0, 0.0)
+    normalised: np.ndarray | None = None  # [n] the min-max normalised losses the mixture was fit on
 
 
 def normalise_losses(losses: np.ndarray) -> np.ndarray:
@@ -41,5 +43,7 @@ def clean_probability(losses: np.ndarray, *, max_iter: int = 10, tol: float = 1e
     clean = int(gmm.means_.argmin())  # scikit-learn orders components arbitrarily
     noisy = 1 - clean
     prob = gmm.predict_proba(x)[:, clean].astype(np.float32)
+    stds = np.sqrt(gmm.covariances_.reshape(2))
     return CleanFit(prob, (float(gmm.means_[clean, 0]), float(gmm.means_[noisy, 0])),
-                    (float(gmm.weights_[clean]), float(gmm.weights_[noisy])))
+                    (float(gmm.weights_[clean]), float(gmm.weights_[noisy])), (float(stds[clean]), float(stds[noisy])),
+                    x[:, 0].astype(np.float32))

@@ -19,11 +19,14 @@ if __package__ in (None, ""):
 
 from data.reader import ShardDataset
 
+from . import figures
 from .checkpoint import find_checkpoint, load_checkpoint
+from .figures import confusion_figure, label_issues_figure
 from .methods import Tables
 from .targets import SoftTargets
 
-FIGURE_MAX_CLASSES = 100
+FIGURE_MAX_CLASSES = 100  # confusion matrices beyond this are unreadable
+FIGURE_ISSUES = 32  # images in label_issues.png
 
 
 def label_rows(train: ShardDataset, tables: Tables) -> dict[str, np.ndarray]:
@@ -49,11 +52,12 @@ def write_labels_csv(path: Path, cols: dict, partners: np.ndarray | None) -> Non
             writer.writerow([f"{v:.4f}" if isinstance(v, (float, np.floating)) else v for v in row] + [nb])
 
 
-def summary_markdown(cols: dict, class_names: list[str]) -> str:
+def summary_markdown(cols: dict, class_names: list[str], pictures: list[str] = ()) -> str:
     """How many labels look wrong, per class, top confusions, and precision/recall when truth is known."""
     given, corrected, wrong = cols["given_label"], cols["corrected_label"], cols["believed_wrong"]
     lines = ["# Label issues\n", f"{int(wrong.sum())} of {len(wrong)} training labels are believed wrong "
              f"({100 * wrong.mean():.1f}%); {int((corrected != given).sum())} were relabelled.\n",
+             *[f"![{p[:-4].replace('_', ' ')}]({p})\n" for p in pictures],
              "| given class | samples | believed wrong | % |", "|---|---|---|---|"]
     for c, name in enumerate(class_names):
         m = given == c
@@ -75,23 +79,49 @@ def summary_markdown(cols: dict, class_names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def confusion_image(corrected: np.ndarray, true: np.ndarray, num_classes: int, scale: int = 8) -> np.ndarray:
-    """[1, H, W] row-normalised confusion (rows: true, columns: corrected), for TensorBoard (Fig. 8)."""
-    known = true >= 0
-    matrix = np.zeros((num_classes, num_classes))
-    np.add.at(matrix, (true[known], corrected[known]), 1)
-    matrix /= np.maximum(matrix.sum(1, keepdims=True), 1)
-    return np.kron(matrix, np.ones((scale, scale)))[None].astype(np.float32)
+def likely_mislabelled(cols: dict, count: int) -> np.ndarray:
+    """Ids of the `count` samples believed wrong with the lowest P(clean) (then the most confident relabel)."""
+    ids = np.flatnonzero(cols["believed_wrong"])
+    clean = np.nan_to_num(cols["clean_prob"][ids], nan=1.0)
+    return ids[np.lexsort((-cols["corrected_prob"][ids], clean))][:count]
+
+
+def write_figures(run_dir: Path, train: ShardDataset, cols: dict, class_names: list[str], writer=None) -> list[str]:
+    """label_issues.png (the images most likely mislabelled, captioned given -> corrected (p)) and the labelled
+    confusion matrices (given vs corrected; true vs corrected when the truth is known), also in TensorBoard."""
+    names = [n if len(n) <= 12 else n[:11] + "." for n in class_names]
+    written = []
+    ids = likely_mislabelled(cols, FIGURE_ISSUES)
+    if len(ids):
+        captions = [f"{names[cols['given_label'][i]]} -> {names[cols['corrected_label'][i]]} "
+                    f"({cols['corrected_prob'][i]:.2f})\nP(clean) {np.nan_to_num(cols['clean_prob'][i], nan=1):.2f}"
+                    for i in ids]
+        fig = label_issues_figure([train.load_image(int(i)) for i in ids], captions)
+        if writer is not None:
+            writer.add_figure("labels/likely_mislabelled", fig, 0, close=False)
+        figures.save(fig, run_dir / "label_issues.png")
+        written.append("label_issues.png")
+    if len(class_names) > FIGURE_MAX_CLASSES:
+        return written
+    known = cols["true_label"] >= 0
+    pairs = [("given", "corrected", cols["given_label"], cols["corrected_label"], np.ones_like(known))]
+    if known.any():
+        pairs.append(("true", "corrected", cols["true_label"], cols["corrected_label"], known))
+    for row_name, col_name, rows, columns, mask in pairs:
+        fig = confusion_figure(rows[mask], columns[mask], class_names, f"{row_name} label", f"{col_name} label")
+        if writer is not None:
+            writer.add_figure(f"labels/{col_name}_vs_{row_name}", fig, 0, close=False)
+        figures.save(fig, run_dir / f"confusion_{row_name}_{col_name}.png")
+        written.append(f"confusion_{row_name}_{col_name}.png")
+    return written
 
 
 def write_report(run_dir: Path, train: ShardDataset, tables: Tables, class_names: list[str], writer=None) -> dict:
-    """labels.csv + labels_summary.md in the run folder (and the confusion figure when truth is known)."""
+    """labels.csv, labels_summary.md and the figures in the run folder (figures also in TensorBoard)."""
     cols = label_rows(train, tables)
     write_labels_csv(run_dir / "labels.csv", cols, tables.partners)
-    (run_dir / "labels_summary.md").write_text(summary_markdown(cols, class_names))
-    if writer is not None and (train.true_labels >= 0).any() and len(class_names) <= FIGURE_MAX_CLASSES:
-        writer.add_image("labels/corrected_vs_true", confusion_image(cols["corrected_label"], train.true_labels,
-                                                                     len(class_names)), 0)
+    pictures = write_figures(run_dir, train, cols, class_names, writer)
+    (run_dir / "labels_summary.md").write_text(summary_markdown(cols, class_names, pictures))
     return cols
 
 
@@ -105,6 +135,7 @@ def tables_from_checkpoint(state: dict, train: ShardDataset) -> Tables:
 
 def main(argv=None) -> int:
     from data.shards import read_manifest
+    from data.transforms import get_preset
     from .config import config_of_checkpoint
     from .dataset import data_root
 
@@ -115,9 +146,9 @@ def main(argv=None) -> int:
     state = load_checkpoint(find_checkpoint(args.run, args.checkpoint))
     cfg = config_of_checkpoint(state)
     root = data_root(cfg)
-    train = ShardDataset(root / cfg.train_split)
+    train = ShardDataset(root / cfg.train_split, mode=get_preset(cfg.dataset, cfg.image_size or None).mode)
     write_report(args.run, train, tables_from_checkpoint(state, train), read_manifest(root)["class_names"])
-    print(f"wrote {args.run / 'labels.csv'} and {args.run / 'labels_summary.md'}")
+    print(f"wrote {args.run / 'labels.csv'}, {args.run / 'labels_summary.md'} and its figures")
     return 0
 
 

@@ -12,6 +12,7 @@ from accelerate.tracking import TensorBoardTracker
 from data.reader import ShardDataset
 
 from .config import Config
+from .figures import gmm_figure
 from .methods import Tables
 
 
@@ -20,7 +21,7 @@ TAG_GROUPS = (  # TensorBoard groups scalars by the part of the tag before the f
     ("noise", ("noise_", "clean_fraction", "uncertain_", "confident_fraction", "removed_")),
     ("gmm", ("gmm_",)), ("labels", ("label_correction",)), ("neighbours", ("nn_", "neighbour_", "knn_")),
     ("memorisation", ("train_acc_given_",)),
-    ("train", ("train_", "lr", "images_per_second", "skipped_train", "peak_rss", "tables_checked")),
+    ("train", ("train_", "lr", "images_per_second", "skipped_train", "unreadable_", "peak_rss", "tables_checked")),
 )
 
 
@@ -48,6 +49,7 @@ class RunLog:
 
     def write(self, metrics: dict, tables: Tables, train: ShardDataset) -> None:
         """Log one epoch; `metrics["unreadable_ids"]` (this epoch's unreadable training ids) joins the list."""
+        figures = {k: metrics.pop(k) for k in [k for k in metrics if k.startswith("_figure_")]}
         new = [int(i) for i in metrics.pop("unreadable_ids", ()) if int(i) not in self.unreadable]
         for i in new:
             self.unreadable[i] = (str(train.sources[i]), train.read_error(i))
@@ -58,6 +60,10 @@ class RunLog:
             return
         if new:
             self.write_unreadable()
+        if "_figure_gmm" in figures:
+            fit, noisy = figures["_figure_gmm"]
+            self.tensorboard().add_figure("gmm/loss_histogram", gmm_figure(fit, noisy, metrics["epoch"]),
+                                          metrics["epoch"])
         self.histograms(metrics["epoch"], tables, train)
         rows = list(csv.DictReader(self.path.open())) if self.path.is_file() else []
         rows = [r for r in rows if int(r["epoch"]) < metrics["epoch"]] + [metrics]  # resumed: drop redone epochs

@@ -145,6 +145,10 @@ def refresh_tables(cfg: Config, epoch: int, model, data: Data, plan, tables: Tab
         out.update(neighbour_diagnostics(tables.partners, data.train.labels, data.train.true_labels, plan.unique_ids))
     if fit is not None:
         out.update(gmm_mean_clean=fit.means[0], gmm_mean_noisy=fit.means[1], gmm_weight_clean=fit.weights[0])
+        seen = ~np.isnan(losses)
+        known = (data.train.true_labels[seen] >= 0).all()
+        noisy = (data.train.labels != data.train.true_labels)[seen] if known else None
+        out["_figure_gmm"] = (fit, noisy)  # drawn by the run log (main process), not a scalar
     return out
 
 

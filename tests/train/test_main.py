@@ -47,14 +47,22 @@ def test_tensorboard_has_the_named_scalars(full_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run, _ = full_run
-    events = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "histograms": 0}).Reload()
+    events = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "histograms": 0, "images": 0}).Reload()
     tags = set(events.Tags()["scalars"])
-    for name in ("train_loss", "lr", "test_top1", "label_correction_accuracy", "clean_fraction", "noise_precision",
-                 "noise_recall", "noise_auc", "time_refresh", "time_gmm", "time_knn", "neighbour_agreement",
-                 "gmm_mean_clean", "images_per_second"):
+    for name in ("train/train_loss", "train/lr", "eval/test_top1", "eval/val_top1", "labels/label_correction_accuracy",
+                 "noise/clean_fraction", "noise/noise_precision", "noise/noise_recall", "noise/noise_auc",
+                 "time/time_refresh", "time/time_gmm", "time/time_knn", "neighbours/neighbour_agreement",
+                 "neighbours/nn_given_is_anchor_true", "neighbours/nn_truly_clean", "gmm/gmm_mean_clean",
+                 "train/images_per_second", "memorisation/train_acc_given_truly_noisy"):
         assert name in tags, name
-    assert len(events.Scalars("train_loss")) == 4
+    assert not [t for t in tags if t.startswith("other/")]  # every scalar sits in a group
+    assert len(events.Scalars("train/train_loss")) == 4
     assert "clean_probability/truly_noisy" in events.Tags()["histograms"]
+    images = events.Tags()["images"]
+    assert len(events.Images("gmm/loss_histogram")) == 3  # one per refresh
+    for name in ("labels/likely_mislabelled", "labels/corrected_vs_given", "labels/corrected_vs_true"):
+        assert name in images, name
+    assert events.Images("gmm/loss_histogram")[0].width > 300  # a drawn figure, not a raw matrix
 
 
 def test_resume_gives_the_same_weights(full_run, tmp_path, digits_shards):
@@ -88,6 +96,8 @@ def test_report_rows_match_the_run_tables_and_reproduce_from_checkpoint(full_run
         assert row["true_label"] != ""
     summary = (run / "labels_summary.md").read_text()
     assert "believed wrong" in summary and "precision of 'believed wrong'" in summary
+    assert "![label issues](label_issues.png)" in summary and (run / "label_issues.png").stat().st_size > 10_000
+    assert (run / "confusion_true_corrected.png").is_file() and (run / "confusion_given_corrected.png").is_file()
     original = (run / "labels.csv").read_bytes()
     (run / "labels.csv").unlink()
     result = subprocess.run([sys.executable, "-m", "train.report", "--run", str(run)], cwd=REPO,
