@@ -24,9 +24,10 @@ setup(
         "pyyaml",
         "pillow",
         "numpy",
+        "cleanlab",  # confident-learning method, selectmix_rule cleanlab
+        "matplotlib",  # figures in TensorBoard and the label report
     ],
     extras_require={
         "test": ["pytest"],
-        "cleanlab": ["cleanlab"],
     },
 )

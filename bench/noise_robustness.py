@@ -1,35 +1,32 @@
-"""CE vs MixNN (and other methods) on the built-in digits set under label noise, several seeds.
+"""Methods side by side under label noise, several seeds: the project's robustness benchmark.
 
-    python bench/noise_robustness.py [--noises symmetric:0.4,symmetric:0.8,pairflip:0.4]
-        [--methods ce,mixnn,selectmix,cleanlab-mlp,mixnn-avg,...] [--seeds 0,1,2] [--parallel 2]
-        [--epochs 60] [--dataset digits|cifar10|cifar100] [--reuse] [extra --key value ...]
+    python bench/noise_robustness.py [--dataset digits|fashion-mnist|cifar10|cifar100]
+        [--noises symmetric:0.4,symmetric:0.8,pairflip:0.4] [--methods ce,clean,mixnn,selectmix,...]
+        [--seeds 0,1] [--epochs 60] [--parallel 2] [--reuse] [--cleanlab-mlp] [extra --key value ...]
 
-Method names: ce, mixup, mixnn, selectmix, cleanlab-mlp (cleanlab's CleanLearning + scikit-learn MLP,
-digits only), and MixNN ablations mixnn-avg, mixnn-random (weights), mixnn-nocorr (no label
-correction), mixnn-randpartner, mixnn-batch (in-batch neighbours), mixnn-window1, mixnn-corrloss, mixnn-refresh2
-(tables refreshed every 2nd epoch).
+Methods are bench/common.py VARIANTS names (ce, clean = CE on the clean labels, the ceiling; mixup,
+mixnn, mixnn-paper, mixnn-randpartner and the other ablations; select, select-correct,
+confident-learning, selectmix, selectmix-precursor), optionally with `+key=value` overrides.
+`--cleanlab-mlp` adds cleanlab's CleanLearning around a scikit-learn MLP (digits only).
 
-Prints a markdown table: test accuracy (mean +- std over seeds, last epoch) and label-correction
-accuracy (argmax of the soft targets = true label, over the training set).
+Prints per noise: test accuracy at the last epoch (mean ± std over seeds) and at the epoch chosen on the
+noisy val split, the share of the gap to the clean-label ceiling closed ((method - CE) / (clean - CE), last
+epoch, when ce and clean are in the grid), label-correction accuracy, and the diagnostics of kNN vs random
+partners (among truly mislabelled anchors: neighbour's given label = anchor's true label, neighbour truly
+clean) and of memorisation (train accuracy against the given labels on truly mislabelled samples).
 """
 from __future__ import annotations
 
 import argparse
-import itertools
-import json
-import os
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from common import REPO, add_grid_arguments, data_dir, fmt, mean, run_grid
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def cleanlab_mlp(noise: str, seed: int, workdir: Path) -> dict:
+def cleanlab_mlp(args, noise: str, seed: int) -> dict:
     """External reference: cleanlab's CleanLearning around a scikit-learn MLP on the same split and noise."""
     from cleanlab.classification import CleanLearning
     from sklearn.neural_network import MLPClassifier
@@ -37,7 +34,7 @@ def cleanlab_mlp(noise: str, seed: int, workdir: Path) -> dict:
     sys.path.insert(0, str(REPO))
     from data.reader import ShardDataset
 
-    root = workdir / "shards" / f"digits-{noise.replace(':', '')}-s{seed}"
+    root = data_dir(args.workdir, args.dataset, noise, seed, args.val_fraction, args.train_subset)
     arrays = {}
     for split in ("train", "test"):
         ds = ShardDataset(root / split, mode="L")
@@ -48,90 +45,56 @@ def cleanlab_mlp(noise: str, seed: int, workdir: Path) -> dict:
     return {"test_top1": 100 * float((model.predict(arrays["test"][0]) == arrays["test"][1]).mean())}
 
 
-def run_one(noise: str, method: str, seed: int, args, extra: list[str]) -> dict:
-    """Train one configuration in a subprocess; returns its final.json."""
-    if method == "cleanlab-mlp":
-        return cleanlab_mlp(noise, seed, args.workdir)
-    name = f"{method}-{noise.replace(':', '')}-s{seed}"
-    done = args.out / name / "final.json"
-    if args.reuse and done.is_file() and json.loads(done.read_text())["epochs"] == args.epochs:
-        return json.loads(done.read_text())["last"]
-    method_args = ["--method", method]
-    if method.startswith("mixnn-"):  # ablation shorthands
-        ablation = method.split("-", 1)[1]
-        method_args = ["--method", "mixnn", *{
-            "avg": ["--weights", "avg"], "random": ["--weights", "random"],
-            "nocorr": ["--correction_epoch", "-1"], "randpartner": ["--partners", "random"],
-            "corrloss": ["--gmm_loss", "corrected", "--gmm_loss_window", "1"], "window5": ["--gmm_loss_window", "5"],
-            "window1": ["--gmm_loss_window", "1"], "refresh2": ["--refresh_every", "2"],
-            "batch": ["--knn_scope", "batch"]}[ablation]]
-    data = ["--noise", noise, "--noise_seed", str(seed)]
-    if args.dataset != "digits":  # shards the user prepared: SHARDS/<dataset>-<noise>-s<seed>
-        data = ["--config", str(REPO / "launch" / "configs" / f"{args.dataset}.yaml"),
-                "--data", str(dataset_dir(args, noise, seed))]
-    cmd = [sys.executable, str(REPO / "train" / "main.py"), *data,
-           "--seed", str(seed), "--epochs", str(args.epochs), "--output", str(args.out), "--run_name", name,
-           "--progress", "false", "--eval_every", str(args.epochs), *method_args, *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=args.workdir)
-    if result.returncode:
-        raise RuntimeError(f"{name} failed:\n{result.stderr[-3000:]}")
-    return json.loads((args.out / name / "final.json").read_text())["last"]
+def table(results: dict, noises: list[str], methods: list[str], seeds: list[int]) -> list[str]:
+    """The markdown table, one row per method."""
+    get = lambda n, m, key: [(results.get((n, m, s)) or {}).get(key) for s in seeds]
+    best = lambda n, m: [((results.get((n, m, s)) or {}).get("best") or {}).get("test_top1") for s in seeds]
 
+    def gap(n, m):
+        ce, clean, value = mean(get(n, "ce", "test_top1")), mean(get(n, "clean", "test_top1")), \
+            mean(get(n, m, "test_top1"))
+        if None in (ce, clean, value) or clean <= ce or m in ("ce", "clean"):
+            return "-"
+        return f"{(value - ce) / (clean - ce):+.2f}"
 
-def dataset_dir(args, noise: str, seed: int) -> Path:
-    """Where a run's shards live: digits are made here, other data sets must be prepared beforehand."""
-    root = args.workdir / "shards" / f"{args.dataset}-{noise.replace(':', '')}-s{seed}"
-    if args.dataset != "digits" and not (root / "dataset.json").is_file():
-        raise SystemExit(f"{root} missing: python -m data.prepare {args.dataset} --root RAW --out {root} "
-                         f"--noise {noise} --seed {seed}")
-    return root
-
-
-def prepare_digits(noise: str, seed: int, workdir: Path) -> None:
-    """The folder train/main.py would prepare on first use (same name), made here before runs race for it."""
-    out = workdir / "shards" / f"digits-{noise.replace(':', '')}-s{seed}"
-    if not (out / "dataset.json").is_file():
-        subprocess.run([sys.executable, "-m", "data.prepare", "digits", "--out", str(out), "--noise", noise,
-                        "--seed", str(seed)], check=True, capture_output=True, cwd=REPO)
-
-
-def fmt(values: list[float], scale: float = 1.0) -> str:
-    v = np.array([x for x in values if x is not None], dtype=float) * scale
-    return f"{v.mean():.1f} ± {v.std():.1f}" if len(v) else "-"
+    head = ["method"]
+    for n in noises:
+        head += [f"{n} test (last)", f"{n} test (best val)", f"{n} gap closed", f"{n} label corr.",
+                 f"{n} NN given = true", f"{n} NN truly clean", f"{n} fit wrong labels"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for m in methods:
+        cells = [m]
+        for n in noises:
+            cells += [fmt(get(n, m, "test_top1")), fmt(best(n, m)), gap(n, m),
+                      fmt(get(n, m, "label_correction_accuracy"), 100) if m.startswith(("mixnn", "select-")) else "-",
+                      fmt(get(n, m, "nn_given_is_anchor_true"), 100), fmt(get(n, m, "nn_truly_clean"), 100),
+                      fmt(get(n, m, "train_acc_given_truly_noisy"), 100)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--noises", default="symmetric:0.4,symmetric:0.8,pairflip:0.4")
-    p.add_argument("--methods", default="ce,mixnn")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--parallel", type=int, default=2)
+    add_grid_arguments(p)
+    p.add_argument("--methods", default="ce,clean,mixnn,selectmix")
+    p.add_argument("--cleanlab-mlp", action="store_true", help="add cleanlab CleanLearning + MLP (digits)")
     p.add_argument("--out", type=Path, default=Path("runs/bench-robustness"))
-    p.add_argument("--dataset", default="digits", help="digits, or cifar10/cifar100 (with a GPU and the "
-                   "data prepared as shards/<dataset>-<noise>-s<seed>; uses launch/configs/<dataset>.yaml)")
-    p.add_argument("--reuse", action="store_true", help="keep finished runs of an interrupted benchmark")
-    p.add_argument("--workdir", type=Path, default=Path.cwd())
     args, extra = p.parse_known_args()
     args.out = args.out.resolve()
     noises, methods = args.noises.split(","), args.methods.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
-    grid = list(itertools.product(noises, methods, seeds))
     t0 = time.time()
-    # prepare each noisy data set once, serially, before the parallel runs race to create it
-    for noise, seed in itertools.product(noises, seeds):
-        prepare_digits(noise, seed, args.workdir) if args.dataset == "digits" else dataset_dir(args, noise, seed)
-    with ThreadPoolExecutor(args.parallel) as pool:
-        results = dict(zip(grid, pool.map(lambda g: run_one(*g, args, extra), grid)))
-    print(f"\n{len(grid)} runs, {args.epochs} epochs each, {time.time() - t0:.0f} s wall with {args.parallel} in parallel\n")
-    print("| method | " + " | ".join(f"{n} test acc" for n in noises) + " | " +
-          " | ".join(f"{n} label corr." for n in noises) + " |")
-    print("|---" * (1 + 2 * len(noises)) + "|")
-    for m in methods:
-        acc = [fmt([results[(n, m, s)]["test_top1"] for s in seeds]) for n in noises]
-        corr = [fmt([results[(n, m, s)].get("label_correction_accuracy") for s in seeds], 100) for n in noises]
-        print(f"| {m} | " + " | ".join(acc + corr) + " |")
+    results = run_grid(args, noises, methods, seeds, extra)
+    if args.cleanlab_mlp:
+        methods.append("cleanlab-mlp")
+        results.update({(n, "cleanlab-mlp", s): cleanlab_mlp(args, n, s) for n in noises for s in seeds})
+    seconds = {m: mean([(results.get((n, m, s)) or {}).get("seconds") for n in noises for s in seeds]) for m in methods}
+    print(f"\n{len(results)} runs, {args.epochs} epochs each, {args.dataset}"
+          f"{f' (train subset {args.train_subset})' if args.train_subset else ''}, "
+          f"{time.time() - t0:.0f} s wall with {args.parallel} in parallel\n")
+    print("\n".join(table(results, noises, methods, seeds)))
+    print("\nmean wall time of one run (s, all its stages): " +
+          ", ".join(f"{m} {s:.0f}" for m, s in seconds.items() if s))
 
 
 if __name__ == "__main__":
