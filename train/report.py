@@ -86,17 +86,32 @@ def likely_mislabelled(cols: dict, count: int) -> np.ndarray:
     return ids[np.lexsort((-cols["corrected_prob"][ids], clean))][:count]
 
 
+def readable_images(train: ShardDataset, ids: np.ndarray, count: int) -> tuple[np.ndarray, list]:
+    """The first `count` of `ids` whose image can be read, and their images (unreadable ones are skipped:
+    they are already listed in unreadable_train.csv)."""
+    kept, images = [], []
+    for i in ids:
+        try:
+            images.append(train.load_image(int(i)))
+        except Exception:  # a damaged sample never breaks the report
+            continue
+        kept.append(int(i))
+        if len(kept) == count:
+            break
+    return np.array(kept, dtype=np.int64), images
+
+
 def write_figures(run_dir: Path, train: ShardDataset, cols: dict, class_names: list[str], writer=None) -> list[str]:
     """label_issues.png (the images most likely mislabelled, captioned given -> corrected (p)) and the labelled
     confusion matrices (given vs corrected; true vs corrected when the truth is known), also in TensorBoard."""
     names = [n if len(n) <= 12 else n[:11] + "." for n in class_names]
     written = []
-    ids = likely_mislabelled(cols, FIGURE_ISSUES)
+    ids, images = readable_images(train, likely_mislabelled(cols, 4 * FIGURE_ISSUES), FIGURE_ISSUES)
     if len(ids):
         captions = [f"{names[cols['given_label'][i]]} -> {names[cols['corrected_label'][i]]} "
                     f"({cols['corrected_prob'][i]:.2f})\nP(clean) {np.nan_to_num(cols['clean_prob'][i], nan=1):.2f}"
                     for i in ids]
-        fig = label_issues_figure([train.load_image(int(i)) for i in ids], captions)
+        fig = label_issues_figure(images, captions)
         if writer is not None:
             writer.add_figure("labels/likely_mislabelled", fig, 0, close=False)
         figures.save(fig, run_dir / "label_issues.png")

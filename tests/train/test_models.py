@@ -3,6 +3,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from train.config import UserError
 from train.models import create_model, embed_and_classify
 
 
@@ -14,7 +15,7 @@ def test_local_weights_load_and_classifier_reinit(tmp_path):
         model = create_model("small_cnn", 10, 1, pretrained=str(tmp_path / name))
         assert torch.equal(model.features[0].weight, source.features[0].weight)
         assert model.fc.weight.shape == (10, 128)
-    with pytest.raises(FileNotFoundError, match="never downloaded"):
+    with pytest.raises(UserError, match="never downloaded"):
         create_model("small_cnn", 10, 1, pretrained=str(tmp_path / "absent.pth"))
 
 
