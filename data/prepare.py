@@ -106,6 +106,15 @@ def add_noise(source: sources.Source, spec_text: str | None, seed: int) -> dict:
     return {"noise": info}
 
 
+def stratified_mask(labels: np.ndarray, count_of, rng: np.random.Generator) -> np.ndarray:
+    """[n] bool: in each class (in label order) `count_of(class size)` members drawn at random."""
+    picked = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        picked[members[:count_of(len(members))]] = True
+    return picked
+
+
 def subsample_train(source: sources.Source, size: int, seed: int) -> dict:
     """Keep a stratified random `size` of the train split (before noise), in source order; for quick studies."""
     if not size:
@@ -114,11 +123,7 @@ def subsample_train(source: sources.Source, size: int, seed: int) -> dict:
     if not 0 < size < len(records):
         raise ValueError(f"--train-subset {size}: needs 0 < N < {len(records)} (the train split's size)")
     labels = np.array([r.label for r in records])
-    rng = np.random.default_rng([seed, 13])
-    keep = np.zeros(len(records), dtype=bool)
-    for c in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        keep[members[:int(round(size * len(members) / len(records)))]] = True
+    keep = stratified_mask(labels, lambda n: int(round(size * n / len(records))), np.random.default_rng([seed, 13]))
     source.splits["train"] = [r for r, k in zip(records, keep) if k]
     return {"train_subset": {"size": int(keep.sum()), "of": len(records), "seed": seed}}
 
@@ -134,11 +139,7 @@ def carve_val(source: sources.Source, fraction: float, seed: int) -> dict:
         raise ValueError(f"--val-fraction: {source.name} already has a val split")
     records = source.splits["train"]
     labels = np.array([r.label for r in records])
-    rng = np.random.default_rng([seed, 11])
-    val = np.zeros(len(records), dtype=bool)
-    for c in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        val[members[:int(round(fraction * len(members)))]] = True
+    val = stratified_mask(labels, lambda n: int(round(fraction * n)), np.random.default_rng([seed, 11]))
     source.splits["train"] = [r for r, v in zip(records, val) if not v]
     source.splits["val"] = [r for r, v in zip(records, val) if v]
     return {"val_split": {"fraction": fraction, "seed": seed, "from": "train", "stratified_by": "given label"}}
