@@ -14,11 +14,11 @@ from index.comm import gather_by_id
 from .config import Config
 from .dataset import Data
 from .epoch import run_epoch
-from .loop import eval_batch_size, refresh
 from .methods import CrossEntropy, Tables
 from .methods.selectmix import fold_file, load_folds, save_fold, stratified_folds
 from .models import create_model
 from .optim import create_optimizer
+from .tables import refresh_train
 from .targets import SoftTargets
 
 logger = get_logger(__name__)
@@ -26,9 +26,8 @@ logger = get_logger(__name__)
 
 def predict_held_out(cfg: Config, model, data: Data, held: np.ndarray, accelerator) -> np.ndarray:
     """[N, C] softmax of the held-out ids (rows of other ids are zero), identical on every rank."""
-    stats = refresh(accelerator.unwrap_model(model), data.train_plain,
-                    np.array_split(held, accelerator.num_processes)[accelerator.process_index], accelerator,
-                    eval_batch_size(cfg, accelerator), cfg.workers)
+    stats = refresh_train(cfg, model, data, np.array_split(held, accelerator.num_processes)[accelerator.process_index],
+                          accelerator)
     return gather_by_id(stats.ids, stats.probs, len(data.train))
 
 

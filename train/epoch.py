@@ -49,8 +49,9 @@ def run_epoch(cfg: Config, epoch: int, model, optimizer, method, data: Data, tab
     mid-epoch (`start_step > 0`) keeps the tables of its checkpoint and skips the steps already done."""
     started = time.perf_counter()
     rank, world = accelerator.process_index, accelerator.num_processes
-    plan = build_epoch_plan(data.train.labels, seed=cfg.seed, epoch=epoch, batch_size=cfg.batch_size,
-                            world_size=world, num_batches=cfg.num_batches, subset=subset)
+    make_plan = lambda ids: build_epoch_plan(data.train.labels, seed=cfg.seed, epoch=epoch, batch_size=cfg.batch_size,
+                                             world_size=world, num_batches=cfg.num_batches, subset=ids)
+    plan = make_plan(subset)
     metrics = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
     if epoch >= cfg.warmup_epochs and method.uses_tables and start_step == 0 and refresh_due(cfg, epoch, tables):
         metrics.update(refresh_tables(cfg, epoch, model, data, plan, tables, accelerator))
@@ -61,9 +62,8 @@ def run_epoch(cfg: Config, epoch: int, model, optimizer, method, data: Data, tab
     epoch_ids = plan.unique_ids  # the metrics below cover the whole epoch, whatever part of it trains
     keep = method.train_ids(epoch_ids, tables) if epoch >= cfg.warmup_epochs else None
     if keep is not None:  # the method trains on part of the epoch's ids (selection baselines)
-        metrics["train_fraction"] = len(keep) / max(len(plan.unique_ids), 1)
-        plan = build_epoch_plan(data.train.labels, seed=cfg.seed, epoch=epoch, batch_size=cfg.batch_size,
-                                world_size=world, num_batches=cfg.num_batches, subset=keep)
+        metrics["train_fraction"] = len(keep) / max(len(epoch_ids), 1)
+        plan = make_plan(keep)
     method = epoch_method(cfg, epoch, method)
     seed = (cfg.seed * 1_000_003 + epoch) * 1009 + rank
     batches = train_batches(cfg, epoch, plan, method, tables, rank)[start_step:]

@@ -112,13 +112,18 @@ def update_targets(tables: Tables, stats: RefreshStats, new: np.ndarray, momentu
     tables.targets.assign(all_ids, torch.from_numpy(all_rows))
 
 
+def refresh_train(cfg: Config, model, data: Data, ids: np.ndarray, accelerator, progress: bool = False) -> RefreshStats:
+    """The refresh pass (eval mode, no augmentation) over this rank's training ids."""
+    return refresh(accelerator.unwrap_model(model), data.train_plain, ids, accelerator, eval_batch_size(cfg, accelerator),
+                   cfg.workers, progress=progress)
+
+
 def refresh_tables(cfg: Config, epoch: int, model, data: Data, plan, tables: Tables, accelerator) -> dict:
     """Refresh pass -> GMM clean probabilities -> soft targets (epoch >= E_s) -> neighbour table."""
     t0 = time.perf_counter()
     rank = accelerator.process_index
-    stats = refresh(accelerator.unwrap_model(model), data.train_plain, plan.refresh_slice(rank), accelerator,
-                    eval_batch_size(cfg, accelerator), cfg.workers,
-                    progress=cfg.progress and accelerator.is_local_main_process)
+    stats = refresh_train(cfg, model, data, plan.refresh_slice(rank), accelerator,
+                          progress=cfg.progress and accelerator.is_local_main_process)
     t1 = time.perf_counter()
     labels = (tables.targets.corrected() if cfg.gmm_loss == "corrected" else data.train.labels)[stats.ids]
     losses = gather_by_id(stats.ids, per_sample_loss(stats.probs, labels).astype(np.float32), len(data.train))
@@ -173,9 +178,8 @@ def memorisation_pass(cfg: Config, model, data: Data, plan, accelerator) -> dict
     """A forward-only pass over this rank's share of the epoch's ids, for methods without a refresh pass."""
     if (data.train.true_labels < 0).all():
         return {}
-    stats = refresh(accelerator.unwrap_model(model), data.train_plain, plan.refresh_slice(accelerator.process_index),
-                    accelerator, eval_batch_size(cfg, accelerator), cfg.workers)
-    return memorisation(stats, data.train)
+    return memorisation(refresh_train(cfg, model, data, plan.refresh_slice(accelerator.process_index), accelerator),
+                        data.train)
 
 
 def neighbour_diagnostics(partners: np.ndarray, labels: np.ndarray, true_labels: np.ndarray, ids: np.ndarray) -> dict:
