@@ -15,7 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
-from common import add_grid_arguments, fmt, mean, run_grid
+from common import add_grid_arguments, best_per_seed, fmt, mean, parse_grid, per_seed, run_grid
 
 
 def main() -> None:
@@ -25,16 +25,12 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/bench-ablation"))
     p.set_defaults(dataset="fashion-mnist", noises="instance:0.4,symmetric:0.8", seeds="0", epochs=20,
                    val_fraction=0.05)
-    args, extra = p.parse_known_args()
-    args.out = args.out.resolve()
-    noises, variants = args.noises.split(","), args.variants.split(",")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    args, extra, noises, variants, seeds = parse_grid(p, "variants")
     t0 = time.time()
     results = run_grid(args, noises, variants, seeds, extra)
     print(f"\n{len(results)} runs, {args.epochs} epochs, {args.dataset}"
           f"{f' (train subset {args.train_subset})' if args.train_subset else ''}, {time.time() - t0:.0f} s wall\n")
-    get = lambda n, v, key: [(results[(n, v, s)] or {}).get(key) for s in seeds]
-    best_test = lambda n, v: [((results[(n, v, s)] or {}).get("best") or {}).get("test_top1") for s in seeds]
+    get = lambda n, v, key: per_seed(results, n, v, seeds, key)
     score = {v: mean([mean(get(n, v, "val_top1")) for n in noises]) or 0.0 for v in variants}
     print("| variant | " + " | ".join(f"{n} noisy val (last) | {n} test (last) | {n} test (best val) | "
                                        f"{n} label corr." for n in noises) + " |")
@@ -42,7 +38,7 @@ def main() -> None:
     for v in sorted(variants, key=lambda v: -score[v]):
         cells = []
         for n in noises:
-            cells += [fmt(get(n, v, "val_top1")), fmt(get(n, v, "test_top1")), fmt(best_test(n, v)),
+            cells += [fmt(get(n, v, "val_top1")), fmt(get(n, v, "test_top1")), fmt(best_per_seed(results, n, v, seeds)),
                       fmt(get(n, v, "label_correction_accuracy"), 100)]
         print(f"| {v} | " + " | ".join(cells) + " |")
 

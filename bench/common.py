@@ -152,6 +152,24 @@ def add_grid_arguments(p) -> None:
     p.add_argument("--workdir", type=Path, default=Path.cwd())
 
 
+def parse_grid(p, names_option: str) -> tuple:
+    """(args, extra training arguments, noises, method/variant names, seeds) from a grid benchmark's parser."""
+    args, extra = p.parse_known_args()
+    args.out = args.out.resolve()
+    names = getattr(args, names_option).split(",")
+    return args, extra, args.noises.split(","), names, [int(s) for s in args.seeds.split(",")]
+
+
+def per_seed(results: dict, noise: str, name: str, seeds: list[int], key: str) -> list:
+    """One result value per seed (None where a run failed or lacks it)."""
+    return [(results.get((noise, name, s)) or {}).get(key) for s in seeds]
+
+
+def best_per_seed(results: dict, noise: str, name: str, seeds: list[int], key: str = "test_top1") -> list:
+    """One value per seed of the epoch chosen on the noisy val split."""
+    return [((results.get((noise, name, s)) or {}).get("best") or {}).get(key) for s in seeds]
+
+
 def run_grid(args, noises: list[str], variants: list[str], seeds: list[int], extra: list[str]) -> dict:
     """Every (noise, variant, seed) run, `args.parallel` at a time; {(noise, variant, seed): result}.
     Runs that fail are reported and left out (the table shows '-')."""

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import REPO, add_grid_arguments, data_dir, fmt, mean, run_grid
+from common import REPO, add_grid_arguments, best_per_seed, data_dir, fmt, mean, parse_grid, per_seed, run_grid
 
 
 def cleanlab_mlp(args, noise: str, seed: int) -> dict:
@@ -47,8 +47,7 @@ def cleanlab_mlp(args, noise: str, seed: int) -> dict:
 
 def table(results: dict, noises: list[str], methods: list[str], seeds: list[int]) -> list[str]:
     """The markdown table, one row per method."""
-    get = lambda n, m, key: [(results.get((n, m, s)) or {}).get(key) for s in seeds]
-    best = lambda n, m: [((results.get((n, m, s)) or {}).get("best") or {}).get("test_top1") for s in seeds]
+    get = lambda n, m, key: per_seed(results, n, m, seeds, key)
 
     def gap(n, m):
         ce, clean, value = mean(get(n, "ce", "test_top1")), mean(get(n, "clean", "test_top1")), \
@@ -65,7 +64,7 @@ def table(results: dict, noises: list[str], methods: list[str], seeds: list[int]
     for m in methods:
         cells = [m]
         for n in noises:
-            cells += [fmt(get(n, m, "test_top1")), fmt(best(n, m)), gap(n, m),
+            cells += [fmt(get(n, m, "test_top1")), fmt(best_per_seed(results, n, m, seeds)), gap(n, m),
                       fmt(get(n, m, "label_correction_accuracy"), 100) if m.startswith(("mixnn", "select-")) else "-",
                       fmt(get(n, m, "nn_given_is_anchor_true"), 100), fmt(get(n, m, "nn_truly_clean"), 100),
                       fmt(get(n, m, "train_acc_given_truly_noisy"), 100)]
@@ -79,10 +78,7 @@ def main() -> None:
     p.add_argument("--methods", default="ce,clean,mixnn,selectmix")
     p.add_argument("--cleanlab-mlp", action="store_true", help="add cleanlab CleanLearning + MLP (digits)")
     p.add_argument("--out", type=Path, default=Path("runs/bench-robustness"))
-    args, extra = p.parse_known_args()
-    args.out = args.out.resolve()
-    noises, methods = args.noises.split(","), args.methods.split(",")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    args, extra, noises, methods, seeds = parse_grid(p, "methods")
     t0 = time.time()
     results = run_grid(args, noises, methods, seeds, extra)
     if args.cleanlab_mlp:
