@@ -23,6 +23,7 @@ setup(
         "tqdm",
         "pyyaml",
         "pillow",
+        "safetensors",  # --pretrained FILE.safetensors
         "numpy",
         "cleanlab",  # confident-learning method, selectmix_rule cleanlab
         "matplotlib",  # figures in TensorBoard and the label report
