@@ -168,6 +168,17 @@ class ShardDataset(torch.utils.data.Dataset):
             image = self.transform(image)
         return image, int(self.labels[sample_id]), sample_id
 
+    def __getitems__(self, sample_ids) -> list:
+        """One batch (DataLoader's batched fetch). A batch that carries a `seed` (`SeededIds`) draws its
+        augmentation from a CPU generator seeded by it, leaving the global RNG as it was: the draws depend
+        on (run seed, epoch, rank, step) only, the same with 0 or 8 workers and different on every rank."""
+        seed = getattr(sample_ids, "seed", None)
+        if seed is None:
+            return [self[i] for i in sample_ids]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return [self[i] for i in sample_ids]
+
 
 def collate_with_skips(samples: list) -> dict:
     """Stack samples; an unreadable one (image None) keeps its place with `valid=False` and a zero image,
@@ -185,23 +196,44 @@ def collate_with_skips(samples: list) -> dict:
             "skipped": len(skipped_ids), "skipped_ids": skipped_ids}
 
 
-class IdBatchSampler(torch.utils.data.Sampler):
-    """Yields precomputed lists of sample ids (one list per step) for a map-style `ShardDataset`."""
+class SeededIds(list):
+    """A batch's sample ids and the seed of its augmentation draws (travels to DataLoader workers)."""
 
-    def __init__(self, batches: list[np.ndarray]):
-        self.batches = batches
+    def __init__(self, ids, seed: int):
+        super().__init__(ids)
+        self.seed = seed
+
+
+def batch_seed(seed: int, step: int) -> int:
+    """The augmentation seed of batch `step` under a loader seed (hashed: no two (seed, step) pairs collide
+    the way seed + step would between neighbouring ranks)."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class IdBatchSampler(torch.utils.data.Sampler):
+    """Yields precomputed lists of sample ids (one list per step) for a map-style `ShardDataset`; with a
+    seed each list is a `SeededIds` whose seed depends on (seed, position)."""
+
+    def __init__(self, batches: list[np.ndarray], seed: int | None = None, first_step: int = 0):
+        self.batches, self.seed, self.first_step = batches, seed, first_step
 
     def __iter__(self):
-        return (b.tolist() for b in self.batches)
+        if self.seed is None:
+            return (b.tolist() for b in self.batches)
+        return (SeededIds(b.tolist(), batch_seed(self.seed, self.first_step + i))
+                for i, b in enumerate(self.batches))
 
     def __len__(self) -> int:
         return len(self.batches)
 
 
-def id_loader(dataset: ShardDataset, batches: list[np.ndarray], workers: int = 0, seed: int = 0):
-    """DataLoader reading the given id batches; augmentation RNG seeded from `seed` (reproducible)."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=IdBatchSampler(batches), num_workers=workers,
+def id_loader(dataset: ShardDataset, batches: list[np.ndarray], workers: int = 0, seed: int | None = None,
+              first_step: int = 0):
+    """DataLoader reading the given id batches. With a `seed` (training), batch i's augmentation is drawn
+    from `batch_seed(seed, first_step + i)` whatever the number of workers (a run resumed at step s passes
+    first_step = s); without one (evaluation) nothing is random."""
+    generator = torch.Generator().manual_seed(0 if seed is None else seed)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=IdBatchSampler(batches, seed, first_step), num_workers=workers,
                                        collate_fn=collate_with_skips, generator=generator,
                                        persistent_workers=False, pin_memory=False,
                                        multiprocessing_context="fork" if workers and os.name == "posix" else None)

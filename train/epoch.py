@@ -67,7 +67,7 @@ def run_epoch(cfg: Config, epoch: int, model, optimizer, method, data: Data, tab
     method = epoch_method(cfg, epoch, method)
     seed = (cfg.seed * 1_000_003 + epoch) * 1009 + rank
     batches = train_batches(cfg, epoch, plan, method, tables, rank)[start_step:]
-    loader = id_loader(data.train, batches, cfg.workers, seed + start_step)
+    loader = id_loader(data.train, batches, cfg.workers, seed, first_step=start_step)
     stats = train_one_epoch(model, optimizer, method, loader, tables, accelerator, seed, data.input_shape,
                             progress=cfg.progress and accelerator.is_local_main_process, stop=stop,
                             start_step=start_step)

@@ -57,6 +57,113 @@ def small_cnn_w16(pretrained=False, **kwargs):
     return small_cnn(width=16, **kwargs)
 
 
+class SmallMLP(nn.Module):
+    """Average-pool the image to `pool` x `pool`, then two wide fully connected layers: an over-parameterised
+    network (~1.3M weights at 28x28 grey) that memorises noisy labels within a few epochs on CPU, the regime in
+    which the noisy-label methods are meant to work (a 23k-weight CNN underfits instead; docs/benchmarks.md)."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, hidden: int = 1024, pool: int = 14,
+                 drop_rate: float = 0.0, **_):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.AdaptiveAvgPool2d(pool), nn.Flatten(),
+            nn.Linear(in_chans * pool * pool, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+        )
+        self.num_features = hidden
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def forward_features(self, x):
+        return self.features(x)
+
+    def forward_head(self, x, pre_logits: bool = False):
+        x = self.drop(x)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+@register_model
+def small_mlp(pretrained=False, **kwargs):
+    """timm entry point of `SmallMLP` (no pretrained weights exist)."""
+    kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None), kwargs.pop("cache_dir", None)
+    return SmallMLP(**kwargs)
+
+
+def _cifar_stem(model: nn.Module, in_chans: int) -> nn.Module:
+    """Give a timm ResNet the CIFAR stem: 3x3 stride-1 conv, no max-pool (32x32 in -> 4x4 final map)."""
+    model.conv1 = nn.Conv2d(in_chans, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    model.feature_info[0]["reduction"] = 1
+    return model
+
+
+@register_model
+def cifar_resnet34(pretrained=False, **kwargs):
+    """ResNet-34 with the CIFAR stem (the MixNN paper's CIFAR backbone; ~21.3M weights at 10 classes).
+    timm's `resnet34` keeps the ImageNet stem (7x7 stride-2 conv + max-pool): a 1x1 final map on 32x32."""
+    from timm.models.resnet import BasicBlock, ResNet
+    kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None), kwargs.pop("cache_dir", None)
+    return _cifar_stem(ResNet(BasicBlock, (3, 4, 6, 3), **kwargs), kwargs.get("in_chans", 3))
+
+
+class PreActBlock(nn.Module):
+    """BN-ReLU-conv twice, identity (or 1x1 conv) shortcut taken after the first BN-ReLU (He et al. 2016)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = (nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None)
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        return self.conv2(torch.relu(self.bn2(out))) + shortcut
+
+
+class PreActResNet18(nn.Module):
+    """DivideMix's backbone (its authors' PreActResNet18: CIFAR stem, final BN-ReLU, 4x4 average pool)."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, drop_rate: float = 0.0, **_):
+        super().__init__()
+        layers, cin = [nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False)], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers += [PreActBlock(cin, cout, stride), PreActBlock(cout, cout, 1)]
+            cin = cout
+        layers += [nn.BatchNorm2d(512), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.num_features = 512
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(512, num_classes)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def forward_features(self, x):
+        return self.features(x)
+
+    def forward_head(self, x, pre_logits: bool = False):
+        x = self.drop(x.mean((2, 3)))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+@register_model
+def preact_resnet18(pretrained=False, **kwargs):
+    """timm entry point of `PreActResNet18` (~11.2M weights at 10 classes; no pretrained weights exist)."""
+    kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None), kwargs.pop("cache_dir", None)
+    return PreActResNet18(**kwargs)
+
+
 def load_local_weights(model: nn.Module, path: str) -> None:
     """Load a local state dict (.pth/.pt via weights_only, or .safetensors); the classifier is
     re-initialised when its shape differs (e.g. ImageNet 1000 classes -> 14)."""

@@ -115,3 +115,23 @@ def test_decoded_cache_refuses_a_split_over_budget(digits_shards):
     ds = ShardDataset(digits_shards / "train", mode="L")
     assert not ds.cache_decoded(max_bytes=64 * 100)  # 1437 images of 64 bytes do not fit in 6,400 bytes
     assert not ds.cached and ds[3] is not None
+
+
+def _crops(ds, seed, workers, first_step=0, steps=2):
+    batches = [np.arange(8) + 8 * s for s in range(first_step, first_step + steps)]
+    return [b["images"] for b in id_loader(ds, batches, workers, seed=seed, first_step=first_step)]
+
+
+def test_augmentation_is_drawn_per_rank_and_step_whatever_the_workers(digits_shards):
+    ds = ShardDataset(digits_shards / "train", transform=TrainTransform(preset=get_preset("digits")), mode="L")
+    rank0, rank1 = (epoch_seed + rank for epoch_seed in [1009 * 7] for rank in (0, 1))  # train/epoch.py's seed
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    a = _crops(ds, rank0, workers=0)
+    assert torch.equal(torch.get_rng_state(), before)  # the global RNG (dropout, ...) is left as it was
+    assert all(torch.equal(x, y) for x, y in zip(a, _crops(ds, rank0, workers=2)))  # 0 or 2 workers: same
+    torch.manual_seed(0)  # both ranks start from the same global seed, as accelerate's set_seed leaves them
+    b = _crops(ds, rank1, workers=0)
+    assert not any(torch.equal(x, y) for x, y in zip(a, b))  # two ranks, same step: different crops
+    # a run resumed at step 1 draws step 1's crops again
+    assert torch.equal(_crops(ds, rank0, workers=0, first_step=1, steps=1)[0], a[1])

@@ -37,3 +37,32 @@ def test_channels_last_weights_give_the_same_outputs():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(plain(x), nhwc(x), atol=1e-4)
+
+
+def test_small_mlp_embeds_any_image_size_and_memorises_random_labels():
+    torch.manual_seed(0)
+    model = create_model("small_mlp", 10, 1)
+    for size in (8, 28):
+        with torch.no_grad():
+            emb, logits = embed_and_classify(model.eval(), torch.randn(3, 1, size, size))
+        assert emb.shape == (3, 1024) and logits.shape == (3, 10)
+    # the point of the model: it can fit labels that carry no signal (what CE does to mislabelled samples)
+    x, y = torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,))
+    opt = torch.optim.Adam(model.train().parameters(), 1e-3)
+    for _ in range(60):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(), loss.backward(), opt.step()
+    assert (model.eval()(x).argmax(1) == y).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("name, weights", [("cifar_resnet34", 21_282_122), ("preact_resnet18", 11_172_170)])
+def test_cifar_backbones_keep_a_4x4_map_on_32x32(name, weights):
+    model = create_model(name, 10, 3).eval()
+    assert sum(p.numel() for p in model.parameters()) == weights  # the standard CIFAR ResNet-34 / PreAct-18
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert model.forward_features(x).shape == (2, 512, 4, 4)
+        emb, logits = embed_and_classify(model, x)
+        assert emb.shape == (2, 512) and torch.allclose(logits, model(x), atol=1e-5)
+    # timm's ImageNet-stem resnet34 shrinks 32x32 to 1x1: the defect the CIFAR configs had
+    assert create_model("resnet34", 10, 3).forward_features(x).shape == (2, 512, 1, 1)
