@@ -20,6 +20,7 @@ class Preset:
     padding: int = 0
     hflip: bool = True
     mode: str = "RGB"
+    square: bool = False  # resize to resize x resize (aspect not kept) instead of the shorter side to resize
 
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -30,8 +31,10 @@ PRESETS = {
     "mnist": Preset(28, 28, (0.1307,), (0.3081,), crop="random_crop", padding=2, hflip=False, mode="L"),
     "cifar10": Preset(32, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), crop="random_crop", padding=4),
     "cifar100": Preset(32, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), crop="random_crop", padding=4),
-    "clothing1m": Preset(224, 256, (0.6959, 0.6537, 0.6371), (0.3113, 0.3192, 0.3214), crop="resize_random_crop"),
-    "webvision": Preset(227, 256, *IMAGENET),
+    # MixNN paper: Clothing1M images resized to 256x256, random 224 crop + flip; WebVision random 227 crop + flip
+    "clothing1m": Preset(224, 256, (0.6959, 0.6537, 0.6371), (0.3113, 0.3192, 0.3214), crop="resize_random_crop",
+                         square=True),
+    "webvision": Preset(227, 256, *IMAGENET, crop="resize_random_crop"),
     "imagenet": Preset(224, 256, *IMAGENET),
 }
 
@@ -43,6 +46,11 @@ def get_preset(dataset: str, size: int | None = None) -> Preset:
     if size and size != preset.size:
         preset = Preset(**{**preset.__dict__, "size": size, "resize": max(size, round(size * preset.resize / preset.size))})
     return preset
+
+
+def resize_size(preset: Preset) -> list[int]:
+    """torchvision's `size` argument: [s] (shorter side to s) or [s, s] (square, aspect not kept)."""
+    return [preset.resize, preset.resize] if preset.square else [preset.resize]
 
 
 def as_uint8_tensor(image) -> torch.Tensor:
@@ -81,7 +89,7 @@ class TrainTransform:
         image = as_uint8_tensor(image)
         if self.preset.crop in ("random_crop", "resize_random_crop"):
             if self.preset.crop == "resize_random_crop":
-                image = F.resize(image, [self.preset.resize], antialias=True)
+                image = F.resize(image, resize_size(self.preset), antialias=True)
             image = self.pad_and_crop(image)
         else:
             params = self.random_resized_crop.make_params([image])
@@ -116,8 +124,10 @@ class EvalTransform:
 
     def __call__(self, image):
         image = as_uint8_tensor(image)
-        if min(image.shape[-2:]) != self.preset.resize:
-            image = F.resize(image, [self.preset.resize], antialias=True)
+        if self.preset.square and tuple(image.shape[-2:]) != (self.preset.resize,) * 2:
+            image = F.resize(image, resize_size(self.preset), antialias=True)
+        elif not self.preset.square and min(image.shape[-2:]) != self.preset.resize:
+            image = F.resize(image, resize_size(self.preset), antialias=True)
         if tuple(image.shape[-2:]) != (self.preset.size, self.preset.size):
             image = F.center_crop(image, [self.preset.size])
         return normalise(image, self.mean, self.std)

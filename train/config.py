@@ -31,14 +31,15 @@ class Config:
     cache_max_mb: int = 1024  # per process; digits ~0.1 MB, CIFAR-10 train ~150 MB, Clothing1M far beyond
     # model
     model: str = "small_cnn"
-    pretrained: str = ""  # local weights file; nothing is ever downloaded
+    pretrained: str = ""  # local weights file (never downloaded) | none (from scratch) | required (a config that
+    #                        pretrains, as its paper does, refuses to start until --pretrained PATH or none is given)
     drop_rate: float = 0.0
     channels_last: bool = False  # NHWC conv weights (timm's --channels-last): faster on CPU (oneDNN) and on GPUs
     # method
     method: str = "mixnn"  # ce | mixup | mixnn | selectmix | select | select-correct | confident-learning
     k: int = 1  # neighbours per sample
     warmup_epochs: int = 5
-    correction_epoch: int = 10  # E_s: soft targets move by EMA from this epoch on (-1: never)
+    correction_epoch: int = 10  # E_s: soft targets move by EMA from this 0-based epoch on (-1: never)
     ema: float = 0.9
     gmm_loss: str = "given"  # loss the GMM sees: against the given label or the corrected argmax(t)
     refresh_every: int = 1  # refresh tables every R epochs after warm-up (1: every epoch, the paper; needs num_batches 0)
@@ -81,7 +82,7 @@ class Config:
     restart_period: int = 10  # cosine annealing with warm restarts, in epochs
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    mixed_precision: str = "auto"  # auto: bf16 on CUDA, none on CPU | bf16 | no
+    mixed_precision: str = "auto"  # auto: bf16 on CUDA, none on CPU | bf16 (CUDA or CPU autocast) | no
     # run
     seed: int = 0
     output: str = "runs"
@@ -198,6 +199,10 @@ def check(cfg: Config) -> Config:
             raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
     if cfg.sharpen <= 0:
         raise ConfigError(f"--sharpen must be > 0, got {cfg.sharpen}")
+    if cfg.pretrained == "required":
+        raise ConfigError(f"{cfg.model} for {cfg.dataset} starts from ImageNet weights, as the paper does: pass "
+                          "--pretrained PATH (a local .pth or .safetensors file; nothing is downloaded), or "
+                          "--pretrained none to train from scratch on purpose")
     if cfg.refresh_every < 1:
         raise ConfigError(f"--refresh_every must be >= 1, got {cfg.refresh_every}")
     if cfg.refresh_every > 1 and cfg.num_batches > 0:

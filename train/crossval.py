@@ -56,6 +56,7 @@ def train_fold(cfg: Config, fold: int, folds: np.ndarray, data: Data, accelerato
                 best, best_acc = probs, acc
                 logger.info("fold %d/%d epoch %d: held-out accuracy vs given labels %.3f (best so far)", fold + 1,
                             cfg.cv_folds, epoch, acc, main_process_only=True)
+    accelerator.free_memory(model, optimizer)  # prepare() keeps references: K fold models would stay alive
     return best
 
 

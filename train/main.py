@@ -39,9 +39,10 @@ logger = get_logger(__name__)
 
 
 def create_accelerator(cfg: Config) -> Accelerator:
-    """CPU (gloo) without CUDA; bf16 autocast on CUDA when mixed_precision is auto or bf16."""
+    """CPU (gloo) without CUDA. bf16 autocast: `auto` on CUDA only; `bf16` on CUDA and on CPU (PyTorch's CPU
+    autocast: the same casts a GPU run takes - float32 logits and embeddings, soft CE in float32 - run in CI)."""
     cuda = torch.cuda.is_available()
-    precision = "bf16" if cuda and cfg.mixed_precision in ("auto", "bf16") else "no"
+    precision = "bf16" if cfg.mixed_precision == "bf16" or (cuda and cfg.mixed_precision == "auto") else "no"
     return Accelerator(cpu=not cuda, mixed_precision=precision)
 
 

@@ -199,7 +199,7 @@ def create_model(name: str, num_classes: int, in_chans: int, *, pretrained: str 
     """
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
                               drop_rate=drop_rate)
-    if pretrained:
+    if pretrained and pretrained != "none":  # "none": from scratch on purpose (a config may require a choice)
         load_local_weights(model, pretrained)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 

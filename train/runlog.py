@@ -107,7 +107,8 @@ def final_summary(cfg: Config, run_dir: Path, metrics: dict, best: dict, acceler
     split's accuracy at that epoch."""
     keys = [k for k in metrics if k.endswith(("_top1", "_top5")) or k.startswith(("label_correction", "noise_"))]
     summary = {"run_dir": str(run_dir), "method": cfg.method, "epochs": cfg.epochs,
-               "world_size": accelerator.num_processes, "last": {k: metrics[k] for k in keys}, "best": best,
+               "world_size": accelerator.num_processes,
+               "mixed_precision": accelerator.mixed_precision, "last": {k: metrics[k] for k in keys}, "best": best,
                "unreadable_train_samples": len(log.unreadable),
                "train_seconds_total": metrics.get("train_seconds_total")}
     if accelerator.is_main_process:

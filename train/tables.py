@@ -104,6 +104,13 @@ def target_rows(cfg: Config, stats: RefreshStats, labels: np.ndarray, clean: np.
     return (w * given + (1 - w) * p).astype(np.float32)
 
 
+def correction_due(cfg: Config, epoch: int) -> bool:
+    """Whether the refresh of 0-based `epoch` moves the soft targets: from epoch index E_s on, i.e. from the
+    (E_s + 1)-th epoch. The MixNN authors' code counts epochs from 1 and first uses soft targets in its
+    epoch E_s; to reproduce "from epoch 60" exactly set `correction_epoch: 59` (the paper configs do)."""
+    return 0 <= cfg.correction_epoch <= epoch
+
+
 def update_targets(tables: Tables, stats: RefreshStats, new: np.ndarray, momentum: float) -> None:
     """Eq. 12 (t = a t + (1 - a) new) on this rank's rows, then every rank writes every rank's new rows."""
     rows = tables.targets.ema_rows(stats.ids, torch.from_numpy(new), momentum).numpy()
@@ -131,7 +138,7 @@ def refresh_tables(cfg: Config, epoch: int, model, data: Data, plan, tables: Tab
     clean, fit = fit_clean(losses, cfg.seed + epoch, accelerator.is_main_process)
     tables.clean = clean
     t2 = time.perf_counter()
-    if 0 <= cfg.correction_epoch <= epoch:
+    if correction_due(cfg, epoch):
         update_targets(tables, stats, target_rows(cfg, stats, data.train.labels, clean), cfg.ema)
     t3 = time.perf_counter()
     if cfg.knn_scope == "global":

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
-from data.transforms import EvalTransform, TrainTransform, get_preset
+from data.transforms import EvalTransform, TrainTransform, get_preset, resize_size
 
 
 def reference_train(preset):
@@ -15,7 +15,7 @@ def reference_train(preset):
 
 
 def reference_eval(preset):
-    return T.Compose([T.PILToTensor(), T.Resize(preset.resize, antialias=True), T.CenterCrop(preset.size),
+    return T.Compose([T.PILToTensor(), T.Resize(resize_size(preset), antialias=True), T.CenterCrop(preset.size),
                       T.ToDtype(torch.float32, scale=True), T.Normalize(preset.mean, preset.std)])
 
 
@@ -67,7 +67,7 @@ def test_crop_larger_than_padded_image_is_an_error():
         TrainTransform(preset=get_preset("cifar10"))(torch.zeros(3, 16, 16, dtype=torch.uint8))
 
 
-@pytest.mark.parametrize("name,size,shape", [("webvision", 227, (300, 260, 3)), ("synthetic", 64, (64, 64, 3)),
+@pytest.mark.parametrize("name,size,shape", [("imagenet", 227, (300, 260, 3)), ("synthetic", 64, (64, 64, 3)),
                                              ("imagenet", 32, (40, 50, 3))])
 def test_random_resized_crop_equals_v2(name, size, shape):
     preset = get_preset(name, size)
@@ -81,9 +81,11 @@ def test_random_resized_crop_equals_v2(name, size, shape):
         assert torch.equal(fast(image), expected)
 
 
-def test_resize_then_random_crop_equals_v2():
-    preset = get_preset("clothing1m")
-    reference = T.Compose([T.PILToTensor(), T.Resize(preset.resize, antialias=True), T.RandomCrop(preset.size),
+@pytest.mark.parametrize("name", ["clothing1m", "webvision"])
+def test_resize_then_random_crop_equals_v2(name):
+    preset = get_preset(name)  # Clothing1M: 256x256 (the MixNN paper), WebVision: shorter side 256, then crops
+    assert preset.square == (name == "clothing1m")
+    reference = T.Compose([T.PILToTensor(), T.Resize(resize_size(preset), antialias=True), T.RandomCrop(preset.size),
                            T.RandomHorizontalFlip(), T.ToDtype(torch.float32, scale=True),
                            T.Normalize(preset.mean, preset.std)])
     fast = TrainTransform(preset=preset)

@@ -29,7 +29,7 @@ def test_shipped_configs_parse_and_digits_matches_defaults():
     names = {p.stem for p in CONFIG_DIR.glob("*.yaml")}
     assert {"digits", "cifar10", "cifar100", "clothing1m", "webvision_mini"} <= names
     for name in names:
-        load_config(["--config", str(CONFIG_DIR / f"{name}.yaml")])
+        load_config(["--config", str(CONFIG_DIR / f"{name}.yaml"), "--pretrained", "none"])
     digits = yaml.safe_load((CONFIG_DIR / "digits.yaml").read_text())
     defaults = dataclasses.asdict(Config())
     assert all(defaults[k] == v for k, v in digits.items())
@@ -43,3 +43,30 @@ def test_settings_wrong_together_are_rejected():
         load_config(["--refresh_every", "0"])
     with pytest.raises(ConfigError, match="auto, true or false"):
         load_config(["--cache_images", "yes"])
+
+
+# The MixNN paper's protocol (Sec. V; CIFAR values also in the authors' released script), per shipped config.
+CIFAR = dict(epochs=300, batch_size=128, lr=0.02, lr_min=0.001, restart_period=10, weight_decay=0.001,
+             warmup_epochs=10, correction_epoch=59, ema=0.9, k=1, num_batches=0, model="cifar_resnet34")
+PAPER = {
+    "cifar10": CIFAR,
+    "cifar100": {**CIFAR, "warmup_epochs": 30},
+    "clothing1m": dict(model="resnet50", correction_epoch=59, ema=0.9, k=1, weight_decay=0.001, lr_min=0.001,
+                       restart_period=10),
+    "webvision_mini": dict(model="inception_resnet_v2", epochs=300, lr_min=0.001, restart_period=10, warmup_epochs=10,
+                           correction_epoch=59, ema=0.9, k=1, image_size=227),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_shipped_configs_follow_the_paper(name):
+    cfg = load_config(["--config", str(CONFIG_DIR / f"{name}.yaml"), "--pretrained", "none"])
+    assert {k: getattr(cfg, k) for k in PAPER[name]} == PAPER[name]
+
+
+def test_a_config_that_pretrains_requires_a_choice():
+    with pytest.raises(ConfigError, match="--pretrained PATH .* --pretrained none"):
+        load_config(["--config", str(CONFIG_DIR / "clothing1m.yaml")])
+    assert load_config(["--config", str(CONFIG_DIR / "clothing1m.yaml"), "--pretrained", "none"]).pretrained == "none"
+    fast = load_config(["--config", f"{CONFIG_DIR / 'webvision_mini.yaml'},{CONFIG_DIR / 'webvision_mini_fast.yaml'}"])
+    assert fast.epochs == 100 and fast.model == "inception_resnet_v2"  # the named deviation layers over the paper's

@@ -125,3 +125,15 @@ def test_refresh_every_two_epochs_keeps_the_tables_between_refreshes(tmp_path, d
     refreshed = [int(r["epoch"]) for r in rows if r.get("time_refresh")]
     assert refreshed == [1, 3]
     assert all(float(r["train_images"]) > 0 for r in rows)
+
+
+def test_bf16_autocast_on_two_cpu_ranks_keeps_tables_identical(tmp_path, digits_shards):
+    """The GPU run's precision path (bf16 autocast, float32 casts of logits/embeddings, soft CE in float32)
+    through PyTorch's CPU autocast: MixNN epochs with refreshes on 2 ranks."""
+    launch(tmp_path, "--data", digits_shards, "--run_name", "bf16", "--mixed_precision", "bf16", "--epochs", "3",
+           "--warmup_epochs", "1", "--correction_epoch", "1", "--eval_every", "3", "--progress", "false")
+    rows = list(csv.DictReader((tmp_path / "runs" / "bf16" / "summary.csv").open()))
+    assert all(r["tables_checked_ranks"] == "2" for r in rows[1:])  # refreshes 1, 2: CRC-identical on both ranks
+    assert all(0 < float(r["train_loss"]) < 10 for r in rows)  # finite
+    assert float(rows[-1]["test_top1"]) > 20
+    assert json.loads((tmp_path / "runs" / "bf16" / "final.json").read_text())["mixed_precision"] == "bf16"

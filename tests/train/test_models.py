@@ -15,6 +15,7 @@ def test_local_weights_load_and_classifier_reinit(tmp_path):
         model = create_model("small_cnn", 10, 1, pretrained=str(tmp_path / name))
         assert torch.equal(model.features[0].weight, source.features[0].weight)
         assert model.fc.weight.shape == (10, 128)
+    assert create_model("small_cnn", 10, 1, pretrained="none").fc.weight.shape == (10, 128)  # from scratch
     with pytest.raises(UserError, match="never downloaded"):
         create_model("small_cnn", 10, 1, pretrained=str(tmp_path / "absent.pth"))
 

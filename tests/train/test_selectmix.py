@@ -71,3 +71,22 @@ def test_stage_is_resumable_per_fold(tmp_path, digits_shards):
     import csv
     row = list(csv.DictReader((run / "summary.csv").open()))[0]
     assert float(row["uncertain_fraction"]) >= 0.5 and float(row["uncertain_recall"]) > 0  # fold 0: p=0.1 each
+
+
+def test_fold_models_and_optimizers_are_released(tmp_path, digits_shards):
+    import gc
+
+    from accelerate import Accelerator
+
+    from train.config import load_config
+    from train.crossval import out_of_sample_probabilities
+    from train.dataset import load_data
+    from train.models import SmallCNN
+
+    cfg = load_config(["--data", str(digits_shards), "--cv_folds", "2", "--cv_epochs", "1", "--progress", "false"])
+    accelerator = Accelerator(cpu=True)
+    probs = out_of_sample_probabilities(cfg, load_data(cfg, accelerator), accelerator, tmp_path, 10)
+    assert probs.shape == (1294, 10) and np.allclose(probs.sum(1), 1, atol=1e-4)
+    gc.collect()
+    alive = [o for o in gc.get_objects() if type(o) in (SmallCNN, torch.optim.SGD)]
+    assert not alive

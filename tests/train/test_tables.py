@@ -52,3 +52,11 @@ def test_memorisation_separates_clean_and_mislabelled():
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.4, 0.6]], np.float32)  # predicts 0, 1, 1, 1
     out = memorisation(RefreshStats(np.arange(4), probs, np.zeros((4, 1))), train)
     assert out == {"train_acc_given_truly_clean": pytest.approx(2 / 3), "train_acc_given_truly_noisy": 1.0}
+
+
+def test_correction_starts_at_the_0_based_epoch_index_e_s():
+    from train.config import Config
+    from train.tables import correction_due
+    cfg = Config(correction_epoch=59)  # the paper configs: "from epoch 60" counted from 1
+    assert not correction_due(cfg, 58) and correction_due(cfg, 59) and correction_due(cfg, 60)
+    assert not any(correction_due(Config(correction_epoch=-1), e) for e in range(300))
