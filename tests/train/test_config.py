@@ -51,8 +51,7 @@ CIFAR = dict(epochs=300, batch_size=128, lr=0.02, lr_min=0.001, restart_period=1
 PAPER = {
     "cifar10": CIFAR,
     "cifar100": {**CIFAR, "warmup_epochs": 30},
-    "clothing1m": dict(model="resnet50", correction_epoch=59, ema=0.9, k=1, weight_decay=0.001, lr_min=0.001,
-                       restart_period=10),
+    "clothing1m": dict(model="resnet50", correction_epoch=59, ema=0.9, k=1, weight_decay=0.001),
     "webvision_mini": dict(model="inception_resnet_v2", epochs=300, lr_min=0.001, restart_period=10, warmup_epochs=10,
                            correction_epoch=59, ema=0.9, k=1, image_size=227),
 }
