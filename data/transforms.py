@@ -124,10 +124,9 @@ class EvalTransform:
 
     def __call__(self, image):
         image = as_uint8_tensor(image)
-        if self.preset.square and tuple(image.shape[-2:]) != (self.preset.resize,) * 2:
-            image = F.resize(image, resize_size(self.preset), antialias=True)
-        elif not self.preset.square and min(image.shape[-2:]) != self.preset.resize:
-            image = F.resize(image, resize_size(self.preset), antialias=True)
+        shape, size = tuple(image.shape[-2:]), resize_size(self.preset)
+        if (shape if self.preset.square else (min(shape),)) != tuple(size):  # already at the eval size: skip
+            image = F.resize(image, size, antialias=True)
         if tuple(image.shape[-2:]) != (self.preset.size, self.preset.size):
             image = F.center_crop(image, [self.preset.size])
         return normalise(image, self.mean, self.std)

@@ -14,21 +14,17 @@ from .config import UserError
 logger = logging.getLogger(__name__)
 
 
-class SmallCNN(nn.Module):
-    """Three conv blocks + global pooling; for 8x8 digits and 32x32 CIFAR-sized smoke tests."""
+class FeaturesHead(nn.Module):
+    """The timm model interface of the small models defined here: `features` -> global average pool (conv
+    maps; an MLP's vector passes as it is) -> dropout -> `fc`, with forward_features / forward_head(pre_logits)
+    / get_classifier / num_features as timm's models have them."""
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 3, width: int = 32, drop_rate: float = 0.0, **_):
+    def __init__(self, features: nn.Module, num_features: int, num_classes: int, drop_rate: float):
         super().__init__()
-        c = [width, width * 2, width * 4]
-        self.features = nn.Sequential(
-            nn.Conv2d(in_chans, c[0], 3, padding=1, bias=False), nn.BatchNorm2d(c[0]), nn.ReLU(inplace=True),
-            nn.Conv2d(c[0], c[1], 3, padding=1, bias=False), nn.BatchNorm2d(c[1]), nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            nn.Conv2d(c[1], c[2], 3, padding=1, bias=False), nn.BatchNorm2d(c[2]), nn.ReLU(inplace=True),
-        )
-        self.num_features = c[2]
+        self.features = features
+        self.num_features = num_features
         self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(c[2], num_classes)
+        self.fc = nn.Linear(num_features, num_classes)
 
     def get_classifier(self) -> nn.Module:
         return self.fc
@@ -37,18 +33,35 @@ class SmallCNN(nn.Module):
         return self.features(x)
 
     def forward_head(self, x, pre_logits: bool = False):
-        x = self.drop(x.mean((2, 3)))
+        x = self.drop(x.mean((2, 3)) if x.ndim == 4 else x)
         return x if pre_logits else self.fc(x)
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
 
 
+def timm_kwargs(kwargs: dict) -> dict:
+    """The model's own keyword arguments: what timm's create_model adds for pretrained weights dropped."""
+    return {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
+
+
+class SmallCNN(FeaturesHead):
+    """Three conv blocks + global pooling; for 8x8 digits and 32x32 CIFAR-sized smoke tests."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, width: int = 32, drop_rate: float = 0.0, **_):
+        c = [width, width * 2, width * 4]
+        super().__init__(nn.Sequential(
+            nn.Conv2d(in_chans, c[0], 3, padding=1, bias=False), nn.BatchNorm2d(c[0]), nn.ReLU(inplace=True),
+            nn.Conv2d(c[0], c[1], 3, padding=1, bias=False), nn.BatchNorm2d(c[1]), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c[1], c[2], 3, padding=1, bias=False), nn.BatchNorm2d(c[2]), nn.ReLU(inplace=True),
+        ), c[2], num_classes, drop_rate)
+
+
 @register_model
 def small_cnn(pretrained=False, **kwargs):
     """timm entry point of `SmallCNN` (no pretrained weights exist)."""
-    kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None), kwargs.pop("cache_dir", None)
-    return SmallCNN(**kwargs)
+    return SmallCNN(**timm_kwargs(kwargs))
 
 
 @register_model
@@ -57,42 +70,24 @@ def small_cnn_w16(pretrained=False, **kwargs):
     return small_cnn(width=16, **kwargs)
 
 
-class SmallMLP(nn.Module):
+class SmallMLP(FeaturesHead):
     """Average-pool the image to `pool` x `pool`, then two wide fully connected layers: an over-parameterised
     network (~1.3M weights at 28x28 grey) that memorises noisy labels within a few epochs on CPU, the regime in
     which the noisy-label methods are meant to work (a 23k-weight CNN underfits instead; docs/benchmarks.md)."""
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, hidden: int = 1024, pool: int = 14,
                  drop_rate: float = 0.0, **_):
-        super().__init__()
-        self.features = nn.Sequential(
+        super().__init__(nn.Sequential(
             nn.AdaptiveAvgPool2d(pool), nn.Flatten(),
             nn.Linear(in_chans * pool * pool, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
             nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-        )
-        self.num_features = hidden
-        self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(hidden, num_classes)
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def forward_features(self, x):
-        return self.features(x)
-
-    def forward_head(self, x, pre_logits: bool = False):
-        x = self.drop(x)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
+        ), hidden, num_classes, drop_rate)
 
 
 @register_model
 def small_mlp(pretrained=False, **kwargs):
     """timm entry point of `SmallMLP` (no pretrained weights exist)."""
-    kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None), kwargs.pop("cache_dir", None)
-    return SmallMLP(**kwargs)
+    return SmallMLP(**timm_kwargs(kwargs))
 
 
 def _cifar_stem(model: nn.Module, in_chans: int) -> nn.Module:
@@ -108,7 +103,7 @@ def cifar_resnet34(pretrained=False, **kwargs):
     """ResNet-34 with the CIFAR stem (the MixNN paper's CIFAR backbone; ~21.3M weights at 10 classes).
     timm's `resnet34` keeps the ImageNet stem (7x7 stride-2 conv + max-pool): a 1x1 final map on 32x32."""
     from timm.models.resnet import BasicBlock, ResNet
-    kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None), kwargs.pop("cache_dir", None)
+    kwargs = timm_kwargs(kwargs)
     return _cifar_stem(ResNet(BasicBlock, (3, 4, 6, 3), **kwargs), kwargs.get("in_chans", 3))
 
 
@@ -128,40 +123,22 @@ class PreActBlock(nn.Module):
         return self.conv2(torch.relu(self.bn2(out))) + shortcut
 
 
-class PreActResNet18(nn.Module):
+class PreActResNet18(FeaturesHead):
     """DivideMix's backbone (its authors' PreActResNet18: CIFAR stem, final BN-ReLU, 4x4 average pool)."""
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, drop_rate: float = 0.0, **_):
-        super().__init__()
         layers, cin = [nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False)], 64
         for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
             layers += [PreActBlock(cin, cout, stride), PreActBlock(cout, cout, 1)]
             cin = cout
         layers += [nn.BatchNorm2d(512), nn.ReLU(inplace=True)]
-        self.features = nn.Sequential(*layers)
-        self.num_features = 512
-        self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(512, num_classes)
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def forward_features(self, x):
-        return self.features(x)
-
-    def forward_head(self, x, pre_logits: bool = False):
-        x = self.drop(x.mean((2, 3)))
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
+        super().__init__(nn.Sequential(*layers), 512, num_classes, drop_rate)
 
 
 @register_model
 def preact_resnet18(pretrained=False, **kwargs):
     """timm entry point of `PreActResNet18` (~11.2M weights at 10 classes; no pretrained weights exist)."""
-    kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None), kwargs.pop("cache_dir", None)
-    return PreActResNet18(**kwargs)
+    return PreActResNet18(**timm_kwargs(kwargs))
 
 
 def load_local_weights(model: nn.Module, path: str) -> None:

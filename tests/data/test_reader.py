@@ -124,7 +124,7 @@ def _crops(ds, seed, workers, first_step=0, steps=2):
 
 def test_augmentation_is_drawn_per_rank_and_step_whatever_the_workers(digits_shards):
     ds = ShardDataset(digits_shards / "train", transform=TrainTransform(preset=get_preset("digits")), mode="L")
-    rank0, rank1 = (epoch_seed + rank for epoch_seed in [1009 * 7] for rank in (0, 1))  # train/epoch.py's seed
+    rank0, rank1 = 1009 * 7, 1009 * 7 + 1  # train/epoch.py's loader seed at epoch 7, ranks 0 and 1
     torch.manual_seed(0)
     before = torch.get_rng_state()
     a = _crops(ds, rank0, workers=0)
