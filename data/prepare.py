@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import sources
+from . import labels, sources
 from .noise import apply_noise, parse_noise, transition_matrix
 from .shards import write_manifest, write_split
 
@@ -145,11 +145,30 @@ def carve_val(source: sources.Source, fraction: float, seed: int) -> dict:
     return {"val_split": {"fraction": fraction, "seed": seed, "from": "train", "stratified_by": "given label"}}
 
 
+def replace_labels(source: sources.Source, args) -> dict:
+    """Given labels from outside the data set's annotations (--human-labels or --labels-file), in source order."""
+    chosen = [name for name, value in (("--noise", args.noise), ("--human-labels", args.human_labels),
+                                       ("--labels-file", args.labels_file)) if value and value != "none"]
+    if len(chosen) > 1:
+        raise ValueError(f"{' and '.join(chosen)}: choose one source of noisy labels")
+    if args.human_labels:
+        if not args.label_set:
+            raise ValueError("--human-labels needs --label-set (cifar10: aggre, worse, random1, random2, random3; "
+                             "cifar100: noisy)")
+        return labels.apply_human_labels(source, Path(args.human_labels), args.label_set)
+    if args.label_set:
+        raise ValueError("--label-set is only used with --human-labels FILE")
+    if args.labels_file:
+        return labels.apply_labels_file(source, Path(args.labels_file), args.labels_file_replaces)
+    return {}
+
+
 def prepare(args) -> dict:
-    """Read, optionally corrupt, and write every split; returns the per-split manifest entries."""
+    """Read, optionally relabel or corrupt, and write every split; returns the per-split manifest entries."""
     source = read_source(args)
+    replaced = replace_labels(source, args)
     subset = subsample_train(source, args.train_subset, args.seed)
-    extra = {**source.extra, **subset, **add_noise(source, args.noise, args.seed)}
+    extra = {**source.extra, **subset, **add_noise(source, args.noise, args.seed), **replaced}
     extra.update(carve_val(source, args.val_fraction, args.seed))
     out = Path(args.out)
     results = {}
@@ -181,6 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="the data set's folder as downloaded (not needed for digits)")
     p.add_argument("--out", required=True, help="output folder: OUT/<split>/shard-*.tar + OUT/dataset.json")
     p.add_argument("--noise", help="synthetic noise on train: symmetric:R | asymmetric:R | pairflip:R | instance:R")
+    p.add_argument("--human-labels", help="cifar10/cifar100: a published CIFAR-N label file (CIFAR-10_human.pt, "
+                   "CIFAR-100_human.pt); its --label-set becomes the given labels, the archive's the true labels")
+    p.add_argument("--label-set", help="with --human-labels: cifar10 aggre | worse | random1 | random2 | random3; "
+                   "cifar100 noisy")
+    p.add_argument("--labels-file", help="CSV of `key,label` rows (key: the source key or the train index; label: "
+                   "class index or name) replacing those train samples' given labels")
+    p.add_argument("--labels-file-replaces", default="noisy", choices=("noisy", "clean"),
+                   help="clean: the labels replaced were right, keep them as true labels; noisy (default): they "
+                   "were not, the true label of those samples is unknown")
     p.add_argument("--seed", type=int, default=0, help="noise (and val split) seed")
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="carve a split 'val' of this fraction out of train, stratified by the given label, "

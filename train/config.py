@@ -166,10 +166,20 @@ def parse_overrides(argv: list[str]) -> dict:
     return out
 
 
-def read_yaml(path: Path) -> dict:
+def read_yaml(path: Path, seen: tuple = ()) -> dict:
+    """A config file's values; `base: FILE` (relative to the file's folder) is read first and overridden."""
     if not path.is_file():
         raise ConfigError(f"config file {path} not found (shipped configs: {CONFIG_DIR})")
-    return yaml.safe_load(path.read_text()) or {}
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path}: expected `key: value` lines")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    base_path = (path.parent / str(base)).resolve()
+    if base_path in seen:
+        raise ConfigError(f"config file {path}: `base: {base}` includes itself")
+    return {**read_yaml(base_path, (*seen, path.resolve())), **values}
 
 
 def load_config(argv: list[str]) -> Config:

@@ -35,6 +35,17 @@ def test_shipped_configs_parse_and_digits_matches_defaults():
     assert all(defaults[k] == v for k, v in digits.items())
 
 
+def test_base_key_layers_a_config_over_another(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.yaml").write_text("epochs: 7\nlr: 0.5\n")
+    (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\nlr: 0.1\n")
+    cfg = load_config(["--config", str(tmp_path / "sub" / "b.yaml"), "--seed", "3"])
+    assert (cfg.epochs, cfg.lr, cfg.seed) == (7, 0.1, 3)
+    (tmp_path / "a.yaml").write_text("base: sub/b.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(["--config", str(tmp_path / "a.yaml")])
+
+
 def test_settings_wrong_together_are_rejected():
     assert load_config(["--refresh_every", "3"]).refresh_every == 3
     with pytest.raises(ConfigError, match="needs full-pass epochs"):
@@ -51,6 +62,8 @@ CIFAR = dict(epochs=300, batch_size=128, lr=0.02, lr_min=0.001, restart_period=1
 PAPER = {
     "cifar10": CIFAR,
     "cifar100": {**CIFAR, "warmup_epochs": 30},
+    "cifar10n": {**CIFAR, "data": "shards/cifar10n-worse"},  # base: cifar10.yaml
+    "cifar100n": {**CIFAR, "warmup_epochs": 30, "data": "shards/cifar100n-noisy"},
     "clothing1m": dict(model="resnet50", correction_epoch=59, ema=0.9, k=1, weight_decay=0.001),
     "webvision_mini": dict(model="inception_resnet_v2", epochs=300, lr_min=0.001, restart_period=10, warmup_epochs=10,
                            correction_epoch=59, ema=0.9, k=1, image_size=227),
