@@ -30,6 +30,9 @@ VARIANTS = {
     "selectmix-precursor": ["--method", "selectmix", "--selectmix_rule", "precursor"],
     "selectmix-cleanlab": ["--method", "selectmix", "--selectmix_rule", "cleanlab"],
     "mixnn": ["--method", "mixnn"],
+    # DivideMix with the authors' CIFAR settings (alpha 4, lambda_u 25, T 0.5, p_threshold 0.5) on the data
+    # set's own network, epochs, warm-up and schedule, like every other row
+    "dividemix": ["--method", "dividemix", "--mixup_alpha", "4"],
     # MixNN as the paper describes it (Eq. 10/11 weights, all-sample neighbours, EMA 0.9 toward p from E_s)
     "mixnn-paper": ["--method", "mixnn", "--config_overlay", "mixnn_paper"],
     # ablations of the paper's MixNN

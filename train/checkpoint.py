@@ -77,6 +77,7 @@ def checkpoint_state(cfg, epoch, model, optimizer, scheduler, tables, best, acce
             "clean": None if tables.clean is None else torch.from_numpy(tables.clean),
             "partners": None if tables.partners is None else torch.from_numpy(tables.partners),
             "loss_history": None if tables.loss_history is None else torch.from_numpy(tables.loss_history),
+            "clean_per_net": None if tables.clean_per_net is None else torch.from_numpy(tables.clean_per_net),
             "rng": [torch.from_numpy(r[0]) for r in rng], "best": best, "config": dataclasses.asdict(cfg)}
 
 
@@ -90,6 +91,8 @@ def restore(state: dict, model, optimizer, scheduler, tables: Tables, accelerato
     tables.partners = None if state["partners"] is None else state["partners"].numpy()
     history = state.get("loss_history")
     tables.loss_history = None if history is None else history.numpy()
+    per_net = state.get("clean_per_net")
+    tables.clean_per_net = None if per_net is None else per_net.numpy()
     if len(state["rng"]) == accelerator.num_processes:
         torch.set_rng_state(state["rng"][accelerator.process_index])
     return state["epoch"], state.get("step", 0), state["best"]

@@ -36,7 +36,7 @@ class Config:
     drop_rate: float = 0.0
     channels_last: bool = False  # NHWC conv weights (timm's --channels-last): faster on CPU (oneDNN) and on GPUs
     # method
-    method: str = "mixnn"  # ce | mixup | mixnn | selectmix | select | select-correct | confident-learning
+    method: str = "mixnn"  # ce | mixup | mixnn | selectmix | select | select-correct | confident-learning | dividemix
     k: int = 1  # neighbours per sample
     warmup_epochs: int = 5
     correction_epoch: int = 10  # E_s: soft targets move by EMA from this 0-based epoch on (-1: never)
@@ -72,6 +72,12 @@ class Config:
     #                                   precursor (the first author's public experiments, see train/methods/selectmix.py)
     selectmix_threshold: float = 0.5  # uncertain when p(given label) is below this (or prediction differs)
     selectmix_confident: float = 0.8  # confident partner: prediction = given label with p >= this
+    # DivideMix only (Li et al. 2020; defaults = the authors' Train_cifar.py); mixup's alpha is mixup_alpha
+    p_threshold: float = 0.5  # co-divide: labelled when the other network's P(clean) is above this
+    temperature: float = 0.5  # sharpening T of the refined (labelled) and co-guessed (unlabelled) targets
+    lambda_u: float = 25.0  # weight of the unlabelled loss (0: labelled mixup only, as for Clothing1M/WebVision)
+    rampup_epochs: int = 16  # lambda_u ramps up linearly over this many epochs after warm-up
+    warmup_penalty: bool = False  # negative-entropy penalty in warm-up (asymmetric noise, Clothing1M)
     targets_topk: int = 0  # 0: dense float16 soft targets; >0: keep the top-k classes per sample
     # optimisation
     epochs: int = 60
@@ -79,7 +85,10 @@ class Config:
     num_batches: int = 0  # 0: full pass per epoch; >0: class-balanced draw of num_batches batches
     lr: float = 0.05
     lr_min: float = 1e-4
+    lr_schedule: str = "cosine_restarts"  # cosine_restarts (MixNN) | step (lr x lr_gamma at each of lr_steps)
     restart_period: int = 10  # cosine annealing with warm restarts, in epochs
+    lr_steps: list = field(default_factory=list)  # step schedule: epochs (0-based) at which lr is multiplied
+    lr_gamma: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, none on CPU | bf16 (CUDA or CPU autocast) | no
@@ -93,7 +102,8 @@ class Config:
     progress: bool = True
 
 
-METHODS = ("ce", "mixup", "mixnn", "selectmix", "select", "select-correct", "confident-learning")
+METHODS = ("ce", "mixup", "mixnn", "selectmix", "select", "select-correct", "confident-learning", "dividemix")
+DIVIDEMIX_ONLY = ("p_threshold", "temperature", "lambda_u", "rampup_epochs", "warmup_penalty")
 
 
 class UserError(Exception):
@@ -203,10 +213,18 @@ def check(cfg: Config) -> Config:
     choices = {"method": METHODS, "weights": ("clean", "avg", "random", "beta"), "partners": ("knn", "random"),
                "neighbour_pool": ("all", "clean", "class"), "mix_start": ("warmup", "correction"),
                "target_source": ("prediction", "refined"), "gmm_loss": ("given", "corrected"),
-               "selectmix_rule": ("mismatch", "cleanlab", "precursor")}
+               "selectmix_rule": ("mismatch", "cleanlab", "precursor"), "lr_schedule": ("cosine_restarts", "step")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
+    defaults = Config()
+    if cfg.method != "dividemix":
+        for key in DIVIDEMIX_ONLY:
+            if getattr(cfg, key) != getattr(defaults, key):
+                raise ConfigError(f"--{key} is a DivideMix setting; it does nothing with --method {cfg.method}")
+    if cfg.temperature <= 0 or not 0 <= cfg.p_threshold <= 1:
+        raise ConfigError(f"--temperature must be > 0 and --p_threshold in [0, 1], got {cfg.temperature}, "
+                          f"{cfg.p_threshold}")
     if cfg.sharpen <= 0:
         raise ConfigError(f"--sharpen must be > 0, got {cfg.sharpen}")
     if cfg.pretrained == "required":

@@ -12,7 +12,7 @@ from index.comm import all_gather_rows
 
 from .config import Config
 from .dataset import Data
-from .loop import eval_batch_size, evaluate, train_one_epoch
+from .loop import eval_batch_size, evaluate, method_loss, train_one_epoch
 from .methods import CrossEntropy, Mixup, Tables
 from .tables import check_tables_identical, memorisation_pass, refresh_due, refresh_tables, table_metrics
 
@@ -43,6 +43,16 @@ def memorisation_due(cfg: Config, epoch: int) -> bool:
     return every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == cfg.epochs)
 
 
+def pass_totals(stats: dict) -> dict:
+    """A training pass's statistics summed (images, skips, unreadable ids) or maxed (RSS) over the ranks."""
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    totals = np.concatenate(all_gather_rows(np.array([[stats["train_images"], stats["skipped_train"], peak_mb]])))
+    unreadable = np.unique(np.concatenate(all_gather_rows(stats["unreadable_ids"])))
+    return {**stats, "unreadable_ids": unreadable,
+            "images_per_second": float(totals[:, 0].sum() / max(stats["train_seconds"], 1e-9)),
+            "skipped_train": int(totals[:, 1].sum()), "peak_rss_mb_per_rank": int(totals[:, 2].max())}
+
+
 def run_epoch(cfg: Config, epoch: int, model, optimizer, method, data: Data, tables: Tables, accelerator,
               stop=None, start_step: int = 0, subset=None) -> dict:
     """One epoch of Algorithm 1 (warm-up epochs: plain cross-entropy, no refresh). A run resumed
@@ -68,14 +78,10 @@ def run_epoch(cfg: Config, epoch: int, model, optimizer, method, data: Data, tab
     seed = (cfg.seed * 1_000_003 + epoch) * 1009 + rank
     batches = train_batches(cfg, epoch, plan, method, tables, rank)[start_step:]
     loader = id_loader(data.train, batches, cfg.workers, seed, first_step=start_step)
-    stats = train_one_epoch(model, optimizer, method, loader, tables, accelerator, seed, data.input_shape,
-                            progress=cfg.progress and accelerator.is_local_main_process, stop=stop,
+    stats = train_one_epoch(model, optimizer, method_loss(method, tables, seed, model), loader, accelerator,
+                            data.input_shape, progress=cfg.progress and accelerator.is_local_main_process, stop=stop,
                             start_step=start_step)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-    totals = np.concatenate(all_gather_rows(np.array([[stats["train_images"], stats["skipped_train"], peak_mb]])))
-    stats["unreadable_ids"] = np.unique(np.concatenate(all_gather_rows(stats["unreadable_ids"])))
-    metrics.update(stats, images_per_second=float(totals[:, 0].sum() / max(stats["train_seconds"], 1e-9)),
-                   skipped_train=int(totals[:, 1].sum()), peak_rss_mb_per_rank=int(totals[:, 2].max()))
+    metrics.update(pass_totals(stats))
     metrics.update(table_metrics(data.train, tables, epoch_ids))
     metrics.update(method.epoch_metrics(data.train.true_labels))
     metrics["epoch_seconds"] = time.perf_counter() - started  # everything but evaluation and checkpoint

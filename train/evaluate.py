@@ -28,7 +28,7 @@ from data.transforms import EvalTransform, get_preset
 from .checkpoint import find_checkpoint, load_checkpoint
 from .config import config_of_checkpoint
 from .loop import evaluate
-from .models import create_model
+from .models import create_run_model
 
 
 def evaluate_checkpoint(run: Path, checkpoint: str, splits: list[Path], accelerator, batch_size: int,
@@ -38,7 +38,7 @@ def evaluate_checkpoint(run: Path, checkpoint: str, splits: list[Path], accelera
     cfg = config_of_checkpoint(state)
     preset = get_preset(cfg.dataset, cfg.image_size or None)
     num_classes = state["targets"]["num_classes"]
-    model = create_model(cfg.model, num_classes, 1 if preset.mode == "L" else 3, channels_last=cfg.channels_last)
+    model = create_run_model(cfg, num_classes, 1 if preset.mode == "L" else 3)
     model.load_state_dict(state["model"])
     model = accelerator.prepare(model)
     results = {}

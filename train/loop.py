@@ -69,12 +69,24 @@ def zero_loss_step(model, shape, accelerator) -> torch.Tensor:
     return model(torch.zeros(shape, device=accelerator.device)).sum() * 0.0
 
 
-def train_one_epoch(model, optimizer, method, loader, tables: Tables, accelerator, seed: int,
-                    input_shape, progress: bool = False, stop=None, start_step: int = 0) -> dict:
-    """One pass over the loader: mixed inputs and targets from the method, soft CE (Eq. 7), SGD step.
+def method_loss(method, tables: Tables, seed: int, model):
+    """The per-step loss of a mixing method: its mixed inputs and soft targets, soft CE (Eq. 7). The mixing
+    RNG is seeded per (seed, step), so a run resumed mid-epoch draws what it would have drawn."""
+    def step_loss(batch: dict, step: int):
+        generator = torch.Generator().manual_seed(seed * 100_003 + step)
+        inputs, targets = method.inputs_targets(batch, tables, generator, model=model)
+        if not len(inputs):
+            return None, 0
+        return soft_cross_entropy(model(inputs), targets.to(inputs.device)), len(inputs)
+    return step_loss
 
+
+def train_one_epoch(model, optimizer, step_loss, loader, accelerator, input_shape, progress: bool = False,
+                    stop=None, start_step: int = 0) -> dict:
+    """One pass over the loader: `step_loss(batch, step)` -> (loss, images it counts) or (None, 0), SGD step.
+
+    A batch with no readable image still takes a zero-loss step, so DDP's all-reduce runs on every rank.
     With a `stop` flag, every rank checks it after each step; `stopped_at` is then the next step to run.
-    The mixing RNG is seeded per (seed, step), so a run resumed mid-epoch draws what it would have drawn.
     """
     model.train()
     total, count, skipped, wait, t0 = 0.0, 0, 0, 0.0, time.perf_counter()
@@ -84,22 +96,18 @@ def train_one_epoch(model, optimizer, method, loader, tables: Tables, accelerato
         wait += time.perf_counter() - fetched
         skipped += batch["skipped"]
         unreadable.update(batch["skipped_ids"])
+        loss, n = None, 0
         with accelerator.autocast():
             if batch["images"] is not None and batch["valid"].any():
                 batch["images"] = batch["images"].to(accelerator.device, non_blocking=True)
-                generator = torch.Generator().manual_seed(seed * 100_003 + step)
-                inputs, targets = method.inputs_targets(batch, tables, generator, model=model)
-            else:
-                inputs = torch.zeros(0)
-            if len(inputs):
-                loss = soft_cross_entropy(model(inputs), targets.to(accelerator.device))
-            else:
+                loss, n = step_loss(batch, step)
+            if loss is None:
                 loss = zero_loss_step(model, (2, *input_shape), accelerator)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
-        total += loss.item() * len(inputs)
-        count += len(inputs)
+        total += loss.item() * n
+        count += n
         if stop is not None and stop.agreed():
             stopped_at = step + 1
             break

@@ -19,16 +19,17 @@ if __package__ in (None, ""):  # run as a script by `accelerate launch train/mai
     __package__ = "train"
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.logging import get_logger
 
 from .checkpoint import checkpoint_state, find_checkpoint, load_checkpoint, restore, save_checkpoint
 from .config import Config, UserError, load_config, save_config
 from .crossval import out_of_sample_probabilities
 from .dataset import Data, load_data
+from .dividemix import run_dividemix_epoch
 from .epoch import evaluate_splits, run_epoch, update_best
 from .methods import NEEDS_CROSS_VALIDATION, Tables, create_method
-from .models import create_model
+from .models import create_run_model
 from .optim import create_optimizer
 from .preempt import StopFlag
 from .report import write_report
@@ -43,7 +44,9 @@ def create_accelerator(cfg: Config) -> Accelerator:
     autocast: the same casts a GPU run takes - float32 logits and embeddings, soft CE in float32 - run in CI)."""
     cuda = torch.cuda.is_available()
     precision = "bf16" if cfg.mixed_precision == "bf16" or (cuda and cfg.mixed_precision == "auto") else "no"
-    return Accelerator(cpu=not cuda, mixed_precision=precision)
+    # DivideMix trains one of its two networks per step: DDP must accept the other's unused parameters
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.method == "dividemix" else []
+    return Accelerator(cpu=not cuda, mixed_precision=precision, kwargs_handlers=handlers)
 
 
 def resolve_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
@@ -58,6 +61,8 @@ def resolve_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
 
 def create_run_method(cfg: Config, data: Data, accelerator, run_dir: Path, num_classes: int):
     """The method object; SelectMix and Confident Learning first run (or reload) the cross-validation stage."""
+    if cfg.method == "dividemix":
+        return None  # the epoch is the method (train.dividemix)
     oos = None
     if cfg.method in NEEDS_CROSS_VALIDATION:
         oos = out_of_sample_probabilities(cfg, data, accelerator, run_dir, num_classes)
@@ -91,8 +96,7 @@ def start_run(cfg: Config) -> Run:
     cfg = dataclasses.replace(cfg, data=str(data.root.resolve()))  # the run folder names its data exactly
     torch.manual_seed(cfg.seed)  # same initial weights everywhere; a resumed run restores its RNG below
     num_classes = data.manifest["num_classes"]
-    model = create_model(cfg.model, num_classes, data.input_shape[0], pretrained=cfg.pretrained,
-                         drop_rate=cfg.drop_rate, channels_last=cfg.channels_last)
+    model = create_run_model(cfg, num_classes, data.input_shape[0], pretrained=cfg.pretrained, drop_rate=cfg.drop_rate)
     optimizer, scheduler = create_optimizer(cfg, model)
     model, optimizer = accelerator.prepare(model, optimizer)  # loaders stay ours: ids are split by the plan
     run = Run(cfg, accelerator, run_dir, data, model, optimizer, scheduler,
@@ -127,8 +131,9 @@ def train(cfg: Config) -> dict:
     method = create_run_method(cfg, run.data, accelerator, run.run_dir, run.data.manifest["num_classes"])
     select = cfg.select_split or (cfg.eval_splits[0] if cfg.eval_splits else "")
     metrics = {}
+    epoch_fn = run_dividemix_epoch if cfg.method == "dividemix" else run_epoch
     for epoch in range(run.start, cfg.epochs):
-        metrics = run_epoch(cfg, epoch, run.model, run.optimizer, method, run.data, tables, accelerator, stop,
+        metrics = epoch_fn(cfg, epoch, run.model, run.optimizer, method, run.data, tables, accelerator, stop,
                             run.step if epoch == run.start else 0)
         if metrics["stopped_at"] is not None:
             return preempted(run, epoch, metrics["stopped_at"], stop)

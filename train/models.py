@@ -185,3 +185,25 @@ def embed_and_classify(model: nn.Module, images: torch.Tensor) -> tuple[torch.Te
     """(penultimate-layer embeddings [b, d], logits [b, C]) of an eval-mode timm model."""
     features = model.forward_head(model.forward_features(images), pre_logits=True)
     return features, model.get_classifier()(features)
+
+
+class CoModel(nn.Module):
+    """DivideMix's two networks as one module: `model(x)` is the sum of both networks' logits (the authors'
+    evaluation), `model(x, net=j)` network j's logits (the training forward, through DDP when wrapped).
+    One module keeps evaluation, checkpoints and `accelerator.prepare` unchanged."""
+
+    def __init__(self, first: nn.Module, second: nn.Module):
+        super().__init__()
+        self.nets = nn.ModuleList([first, second])
+
+    def forward(self, x: torch.Tensor, net: int = -1) -> torch.Tensor:
+        if net >= 0:
+            return self.nets[net](x)
+        return self.nets[0](x) + self.nets[1](x)
+
+
+def create_run_model(cfg, num_classes: int, in_chans: int, **kwargs) -> nn.Module:
+    """The network a run trains: one timm model, or for DivideMix two independently initialised ones (drawn
+    one after the other from the seeded global RNG) in a `CoModel`."""
+    make = lambda: create_model(cfg.model, num_classes, in_chans, channels_last=cfg.channels_last, **kwargs)
+    return CoModel(make(), make()) if cfg.method == "dividemix" else make()

@@ -19,7 +19,7 @@ from .methods import Tables
 TAG_GROUPS = (  # TensorBoard groups scalars by the part of the tag before the first '/'
     ("eval", ("_top1", "_top5", "_skipped")), ("time", ("time_", "_seconds")),
     ("noise", ("noise_", "clean_fraction", "uncertain_", "confident_fraction", "removed_")),
-    ("gmm", ("gmm_",)), ("labels", ("label_correction",)), ("neighbours", ("nn_", "neighbour_", "knn_")),
+    ("gmm", ("gmm_",)), ("dividemix", ("dividemix_",)), ("labels", ("label_correction",)), ("neighbours", ("nn_", "neighbour_", "knn_")),
     ("memorisation", ("train_acc_given_",)),
     ("train", ("train_", "lr", "images_per_second", "skipped_train", "unreadable_", "peak_rss", "tables_checked")),
 )

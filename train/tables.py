@@ -213,7 +213,8 @@ def refresh_due(cfg: Config, epoch: int, tables: Tables) -> bool:
 def check_tables_identical(tables: Tables) -> None:
     """Every rank must hold the same per-sample tables; a CRC of each is compared across ranks."""
     parts = [tables.targets.values.numpy().tobytes(), b"" if tables.clean is None else tables.clean.tobytes(),
-             b"" if tables.partners is None else tables.partners.tobytes()]
+             b"" if tables.partners is None else tables.partners.tobytes(),
+             b"" if tables.clean_per_net is None else tables.clean_per_net.tobytes()]
     digest = np.array([[zlib.crc32(p) for p in parts]], dtype=np.int64)
     everyone = np.concatenate(all_gather_rows(digest))
     if (everyone != everyone[0]).any():

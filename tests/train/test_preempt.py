@@ -7,6 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import accelerate_cmd, cpu_env
 
@@ -53,12 +54,14 @@ def wait_for_ranks(parent: int, n: int, timeout: float = 60) -> list[int]:
     return rank_pids(parent)
 
 
-def test_signal_stops_mid_epoch_and_resume_matches(tmp_path, digits_shards):
-    reference = subprocess.run(launch_cmd(tmp_path, "--data", digits_shards, "--run_name", "ref", *ARGS),
+@pytest.mark.parametrize("method", ["mixnn", "dividemix"])
+def test_signal_stops_mid_epoch_and_resume_matches(tmp_path, digits_shards, method):
+    args = [*ARGS, "--method", method]
+    reference = subprocess.run(launch_cmd(tmp_path, "--data", digits_shards, "--run_name", "ref", *args),
                                capture_output=True, text=True, timeout=600, env=cpu_env(), cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
     run = tmp_path / "runs" / "pre"
-    proc = subprocess.Popen(launch_cmd(tmp_path, "--data", digits_shards, "--run_name", "pre", *ARGS),
+    proc = subprocess.Popen(launch_cmd(tmp_path, "--data", digits_shards, "--run_name", "pre", *args),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env(), cwd=tmp_path)
     deadline = time.time() + 300
     while time.time() < deadline and not (run / "summary.csv").is_file():

@@ -42,4 +42,4 @@ def create_method(cfg, labels: np.ndarray | None = None, num_classes: int = 0, o
     if cfg.method == "confident-learning":
         return ConfidentLearning(oos, labels)
     raise ValueError(f"--method {cfg.method!r}: expected one of ce, mixup, mixnn, selectmix, select, "
-                     "select-correct, confident-learning")
+                     "select-correct, confident-learning (dividemix: train.dividemix)")

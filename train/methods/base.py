@@ -22,6 +22,8 @@ class Tables:
     clean: np.ndarray | None = None  # [N] float32, P(clean | loss) from the last GMM
     partners: np.ndarray | None = None  # [N, K] int64 neighbour ids, -1 where none
     loss_history: np.ndarray | None = None  # [W, N] float32 per-sample losses of the last W refreshes
+    #                                           (DivideMix: [2, W, N], one history per network)
+    clean_per_net: np.ndarray | None = None  # [N, 2] DivideMix: P(clean) from each network's own GMM
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,247 @@
+"""DivideMix (Li, Socher & Hoi, ICLR 2020) on the shared machinery: two networks in one `CoModel`, each
+network's per-sample losses gathered by id into its own GMM, co-divide, MixMatch with label co-refinement
+and co-guessing, as the authors' Train_cifar.py / Train_clothing1M.py / Train_webvision.py do.
+
+An epoch: warm-up (CE, optionally the negative-entropy penalty) trains network 1 then network 2 over the
+epoch's ids; after warm-up the refresh runs both networks over the epoch's ids (eval mode) and fits one GMM
+per network, then network 1 trains on the division made by network 2's GMM and network 2 on network 1's,
+one after the other, each with the other fixed. Every table is indexed by sample id and identical on every
+rank; every step's randomness is seeded per (seed, epoch, step), so a resumed run draws the same.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data.plan import EpochPlan, build_epoch_plan, epoch_rng
+from data.reader import id_loader
+from index.comm import gather_by_id
+
+from .config import Config
+from .dataset import Data
+from .epoch import pass_totals
+from .loop import RefreshStats, eval_batch_size, refresh, train_one_epoch
+from .methods import Tables, soft_cross_entropy, unwrap
+from .metrics import noise_detection
+from .tables import check_tables_identical, fit_clean, memorisation, per_sample_loss, table_metrics, update_targets, \
+    windowed_losses
+
+VIEWS = 2  # every sample is read twice per step: two augmentations (the authors' inputs_x, inputs_x2)
+
+
+def sharpen_rows(p: torch.Tensor, temperature: float) -> torch.Tensor:
+    """p^(1/T) renormalised per row."""
+    powered = p.clamp_min(1e-12) ** (1.0 / temperature)
+    return powered / powered.sum(1, keepdim=True)
+
+
+def rampup(cfg: Config, progress: float) -> float:
+    """lambda_u times the authors' linear ramp: 0 at the end of warm-up, full `rampup_epochs` later."""
+    return cfg.lambda_u * float(np.clip((progress - cfg.warmup_epochs) / max(cfg.rampup_epochs, 1), 0.0, 1.0))
+
+
+def prior_penalty(logits: torch.Tensor) -> torch.Tensor:
+    """KL(uniform || mean prediction): the authors' regulariser against predicting one class for everything."""
+    mean = torch.softmax(logits.float(), 1).mean(0)
+    prior = torch.full_like(mean, 1.0 / len(mean))
+    return (prior * torch.log(prior / mean.clamp_min(1e-12))).sum()
+
+
+def negative_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """The warm-up confidence penalty: mean of sum p log p (asymmetric noise, Clothing1M)."""
+    p = torch.softmax(logits.float(), 1)
+    return (p * torch.log(p.clamp_min(1e-12))).sum(1).mean()
+
+
+# ----------------------------------------------------------------------------- refresh and co-divide
+
+def refresh_division(cfg: Config, epoch: int, model, data: Data, plan: EpochPlan, tables: Tables, accelerator) -> dict:
+    """Both networks' eval-mode pass over the epoch's ids -> per-network losses against the given labels,
+    gathered by id -> one GMM per network (`tables.clean_per_net`). `tables.clean` (report, metrics) is
+    their mean, and the soft targets hold the refined label w y + (1 - w) p of the two networks' mean p
+    (what the label report proposes; DivideMix itself does not keep targets between epochs)."""
+    t0 = time.perf_counter()
+    co, n = accelerator.unwrap_model(model), len(data.train)
+    ids = plan.refresh_slice(accelerator.process_index)
+    stats = [refresh(net, data.train_plain, ids, accelerator, eval_batch_size(cfg, accelerator), cfg.workers)
+             for net in co.nets]
+    t1 = time.perf_counter()
+    history = tables.loss_history if tables.loss_history is not None else [None, None]
+    per_net, windows, fits = np.zeros((n, 2), np.float32), [], []
+    for j, s in enumerate(stats):
+        losses = gather_by_id(s.ids, per_sample_loss(s.probs, data.train.labels[s.ids]).astype(np.float32), n)
+        window, losses = windowed_losses(history[j], losses, cfg.gmm_loss_window)
+        per_net[:, j], fit = fit_clean(losses, cfg.seed + epoch + 7919 * j, accelerator.is_main_process)
+        windows.append(window)
+        fits.append((fit, ~np.isnan(losses)))
+    tables.loss_history = None if windows[0] is None else np.stack(windows)
+    tables.clean_per_net, tables.clean = per_net, per_net.mean(1)
+    ensemble = RefreshStats(stats[0].ids, (stats[0].probs + stats[1].probs) / 2, stats[0].embeddings)
+    w = tables.clean[ensemble.ids][:, None]
+    given = np.eye(ensemble.probs.shape[1], dtype=np.float32)[data.train.labels[ensemble.ids]]
+    update_targets(tables, ensemble, (w * given + (1 - w) * ensemble.probs).astype(np.float32), 0.0)
+    out = {"time_refresh": t1 - t0, "time_gmm": time.perf_counter() - t1}
+    out.update(division_metrics(cfg, per_net, data, plan.unique_ids))
+    out.update(memorisation(ensemble, data.train))
+    fit, seen = fits[0]  # network 1's mixture in the scalars and the figure (main process)
+    if fit is not None:
+        out.update(gmm_mean_clean=fit.means[0], gmm_mean_noisy=fit.means[1], gmm_weight_clean=fit.weights[0])
+        known = (data.train.true_labels[seen] >= 0).all()
+        out["_figure_gmm"] = (fit, (data.train.labels != data.train.true_labels)[seen] if known else None)
+    return out
+
+
+def division_metrics(cfg: Config, per_net: np.ndarray, data: Data, ids: np.ndarray) -> dict:
+    """Size of each network's labelled set (made by the other network), agreement of the two divisions,
+    and each network's noise detection against the true labels where known."""
+    clean = per_net[ids] > cfg.p_threshold
+    out = {"dividemix_labelled_fraction_net1": float(clean[:, 1].mean()),
+           "dividemix_labelled_fraction_net2": float(clean[:, 0].mean()),
+           "dividemix_division_agreement": float((clean[:, 0] == clean[:, 1]).mean())}
+    for j in range(2):
+        found = noise_detection(per_net[:, j], data.train.labels, data.train.true_labels, ids)
+        out.update({f"{k}_net{j + 1}": v for k, v in found.items()})
+    return out
+
+
+def division(tables: Tables, ids: np.ndarray, net: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(labelled, unlabelled) ids for training network `net`: co-divide by the *other* network's P(clean)."""
+    clean = tables.clean_per_net[ids, 1 - net] > threshold
+    return ids[clean], ids[~clean]
+
+
+# ----------------------------------------------------------------------------- steps
+
+def network_steps(cfg: Config, epoch: int, net: int, labels: np.ndarray, ids: np.ndarray, world: int, rank: int,
+                  unlabelled: np.ndarray | None = None) -> list[np.ndarray]:
+    """This rank's id batches for training network `net` over `ids`, a shuffled pass in its own order per
+    network. Warm-up (`unlabelled` None): each id once. After warm-up each id is read twice (two
+    augmentations) and, when there are unlabelled ids, each batch carries as many of them, drawn from a
+    shuffled cycle of `unlabelled`, also read twice: [x, x, u, u]."""
+    if len(ids) == 0:
+        return []
+    plan = build_epoch_plan(labels, seed=cfg.seed + 7919 * (net + 1), epoch=epoch, batch_size=cfg.batch_size,
+                            world_size=world, subset=ids)
+    labelled = plan.batches(rank)
+    if unlabelled is None:
+        return labelled
+    if len(unlabelled) == 0:
+        return [np.concatenate([b] * VIEWS) for b in labelled]
+    cycle = np.resize(epoch_rng(cfg.seed, epoch, stream=10 + net).permutation(unlabelled), len(plan.ids))
+    drawn = EpochPlan(cycle.astype(np.int64), cfg.batch_size, world).batches(rank)
+    return [np.concatenate([b] * VIEWS + [u] * VIEWS) for b, u in zip(labelled, drawn)]
+
+
+def views(batch: dict, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(view 1 images, view 2 images, ids) of the `count` samples read twice from row `start`, keeping the
+    samples whose both reads decoded."""
+    rows = slice(start, start + VIEWS * count)
+    images = batch["images"][rows].view(VIEWS, count, *batch["images"].shape[1:])
+    ok = batch["valid"][rows].view(VIEWS, count).all(0)
+    return images[0][ok], images[1][ok], batch["ids"][start:start + count][ok.to(batch["ids"].device)]
+
+
+def warmup_loss(cfg: Config, model, net: int, labels: np.ndarray):
+    """CE of network `net` on the given labels, plus the confidence penalty when configured."""
+    def step_loss(batch, step):
+        valid = batch["valid"].to(batch["images"].device)
+        x, ids = batch["images"][valid], batch["ids"][batch["valid"]]
+        logits = model(x, net=net).float()
+        loss = F.cross_entropy(logits, torch.from_numpy(labels[ids.numpy()]).to(logits.device))
+        return (loss + negative_entropy(logits) if cfg.warmup_penalty else loss), len(x)
+    return step_loss
+
+
+def mixmatch_loss(cfg: Config, model, net: int, tables: Tables, labels: np.ndarray, num_classes: int, epoch: int,
+                  seed: int, first_step: int, steps: int, with_unlabelled: bool):
+    """One DivideMix step for network `net` (the other fixed, in eval mode): label co-refinement of the
+    labelled, co-guessing of the unlabelled, mixup over all of them with lambda' = max(lambda, 1 - lambda),
+    L_x + lambda_u(ramp) L_u + the prior penalty. With lambda_u = 0 only the labelled half is mixed and
+    trained on (the authors' Clothing1M / WebVision scripts)."""
+    co = unwrap(model)
+    own, other = co.nets[net], co.nets[1 - net]
+
+    def step_loss(batch, step):
+        b = len(batch["ids"]) // (2 * VIEWS if with_unlabelled else VIEWS)
+        x1, x2, x_ids = views(batch, 0, b)
+        u1, u2, _ = views(batch, VIEWS * b, b) if with_unlabelled else (x1[:0], x2[:0], None)
+        if not len(x1):
+            return None, 0
+        own.train()
+        other.eval()
+        with torch.no_grad():
+            w = torch.from_numpy(tables.clean_per_net[x_ids.numpy(), 1 - net]).float()[:, None].to(x1.device)
+            given = F.one_hot(torch.from_numpy(labels[x_ids.numpy()]), num_classes).float().to(x1.device)
+            px = (torch.softmax(own(x1).float(), 1) + torch.softmax(own(x2).float(), 1)) / 2
+            tx = sharpen_rows(w * given + (1 - w) * px, cfg.temperature)
+            tu = tx[:0]
+            if len(u1):
+                pu = sum(torch.softmax(m(u).float(), 1) for m in (own, other) for u in (u1, u2)) / 4
+                tu = sharpen_rows(pu, cfg.temperature)
+        generator = torch.Generator().manual_seed(seed * 100_003 + step)
+        lam = float(np.random.default_rng(int(torch.randint(2**31, (1,), generator=generator))).beta(
+            cfg.mixup_alpha, cfg.mixup_alpha))
+        lam = max(lam, 1 - lam)
+        inputs, targets = torch.cat([x1, x2, u1, u2]), torch.cat([tx, tx, tu, tu])
+        perm = torch.randperm(len(inputs), generator=generator).to(inputs.device)
+        mixed, mixed_t = lam * inputs + (1 - lam) * inputs[perm], lam * targets + (1 - lam) * targets[perm]
+        labelled = 2 * len(x1)
+        if cfg.lambda_u == 0:
+            mixed, mixed_t = mixed[:labelled], mixed_t[:labelled]
+        logits = model(mixed, net=net).float()
+        loss = soft_cross_entropy(logits[:labelled], mixed_t[:labelled]) + prior_penalty(logits)
+        if len(logits) > labelled:
+            l_u = ((torch.softmax(logits[labelled:], 1) - mixed_t[labelled:]) ** 2).mean()
+            loss = loss + rampup(cfg, epoch + (step - first_step) / max(steps, 1)) * l_u
+        return loss, len(x1)
+    return step_loss
+
+
+def by_step(phases: list[tuple[int, object]]):
+    """One step-loss function over consecutive phases [(first step, step loss), ...] (network 1, then 2)."""
+    def step_loss(batch, step):
+        return next(loss for first, loss in reversed(phases) if step >= first)(batch, step)
+    return step_loss
+
+
+# ----------------------------------------------------------------------------- the epoch
+
+def run_dividemix_epoch(cfg: Config, epoch: int, model, optimizer, method, data: Data, tables: Tables, accelerator,
+                        stop=None, start_step: int = 0) -> dict:
+    """One DivideMix epoch (`method` is unused: the epoch is the method). A run resumed mid-epoch keeps
+    the division of its checkpoint and skips the steps already done, in either network's phase."""
+    started = time.perf_counter()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    labels, num_classes = data.train.labels, data.manifest["num_classes"]
+    plan = build_epoch_plan(labels, seed=cfg.seed, epoch=epoch, batch_size=cfg.batch_size, world_size=world,
+                            num_batches=cfg.num_batches)
+    metrics = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+    warm = epoch < cfg.warmup_epochs
+    if not warm and start_step == 0:
+        metrics.update(refresh_division(cfg, epoch, model, data, plan, tables, accelerator))
+        check_tables_identical(tables)
+        metrics["tables_checked_ranks"] = world
+    seed = (cfg.seed * 1_000_003 + epoch) * 1009 + rank
+    phases, batches = [], []
+    for net in (0, 1):
+        if warm:
+            steps = network_steps(cfg, epoch, net, labels, plan.unique_ids, world, rank)
+            loss = warmup_loss(cfg, model, net, labels)
+        else:
+            labelled, unlabelled = division(tables, plan.unique_ids, net, cfg.p_threshold)
+            steps = network_steps(cfg, epoch, net, labels, labelled, world, rank, unlabelled)
+            loss = mixmatch_loss(cfg, model, net, tables, labels, num_classes, epoch, seed, len(batches), len(steps),
+                                 with_unlabelled=len(unlabelled) > 0)
+        phases.append((len(batches), loss))
+        batches += steps
+    loader = id_loader(data.train, batches[start_step:], cfg.workers, seed, first_step=start_step)
+    stats = train_one_epoch(model, optimizer, by_step(phases), loader, accelerator, data.input_shape,
+                            progress=cfg.progress and accelerator.is_local_main_process, stop=stop,
+                            start_step=start_step)
+    metrics.update(pass_totals(stats))
+    metrics.update(table_metrics(data.train, tables, plan.unique_ids))
+    metrics["epoch_seconds"] = time.perf_counter() - started
+    return metrics
