@@ -67,6 +67,18 @@ PAPER = {
     "clothing1m": dict(model="resnet50", correction_epoch=59, ema=0.9, k=1, weight_decay=0.001),
     "webvision_mini": dict(model="inception_resnet_v2", epochs=300, lr_min=0.001, restart_period=10, warmup_epochs=10,
                            correction_epoch=59, ema=0.9, k=1, image_size=227),
+    # DivideMix (the authors' Train_cifar.py / Train_clothing1M.py / Train_webvision.py)
+    "dividemix_cifar10": dict(method="dividemix", model="preact_resnet18", epochs=300, batch_size=64, lr=0.02,
+                              lr_schedule="step", lr_steps=[150], lr_gamma=0.1, weight_decay=0.0005, warmup_epochs=10,
+                              mixup_alpha=4, temperature=0.5, p_threshold=0.5, lambda_u=25, rampup_epochs=16),
+    "dividemix_cifar100": dict(method="dividemix", model="preact_resnet18", epochs=300, warmup_epochs=30,
+                               lambda_u=150, lr_steps=[150], mixup_alpha=4),
+    "dividemix_clothing1m": dict(method="dividemix", model="resnet50", epochs=80, batch_size=32, num_batches=1000,
+                                 lr=0.002, lr_steps=[40], weight_decay=0.001, warmup_epochs=1, warmup_penalty=True,
+                                 mixup_alpha=0.5, lambda_u=0, select_split="val"),
+    "dividemix_webvision_mini": dict(method="dividemix", model="inception_resnet_v2", pretrained="none", epochs=80,
+                                     batch_size=32, lr=0.01, lr_steps=[40], weight_decay=0.0005, warmup_epochs=1,
+                                     warmup_penalty=False, mixup_alpha=0.5, lambda_u=0),
 }
 
 

@@ -99,7 +99,7 @@ def test_dividemix_settings_need_the_method():
         load_config(["--lambda_u", "0"])
     assert load_config(["--method", "dividemix", "--lambda_u", "0"]).lambda_u == 0
     cfg = load_config(["--lr_schedule", "step", "--lr_steps", "150", "--epochs", "300"])
-    assert cfg.lr_steps == ["150"] or cfg.lr_steps == [150]
+    assert [int(e) for e in cfg.lr_steps] == [150]
 
 
 def test_step_schedule_divides_at_the_named_epochs():
