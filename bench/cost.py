@@ -58,7 +58,7 @@ def train_args(size: str, work: Path, n: int) -> list[str]:
     if size == "digits":
         subprocess.run([sys.executable, "-m", "data.prepare", "digits", "--out", str(work / "digits"), "--noise",
                         "symmetric:0.4"], check=True, cwd=REPO, capture_output=True)
-        return ["--data", str(work / "digits")]
+        return ["--data", str(work / "digits"), "--eval_splits", "test"]
     shards = make_synthetic(work / "synthetic", n)
     return ["--data", str(shards), "--dataset", "synthetic", "--image_size", "64", "--model", "resnet10t",
             "--eval_splits", "", "--batch_size", "64"]
