@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .noise import transition_matrix
+from .noise import noise_summary
 from .sources import AnnotationError, Source, _ArrayUnpickler
 
 # --label-set name -> key in the published file (Wei et al., ICLR 2022, github.com/UCSC-REAL/cifar-10-100n)
@@ -73,15 +73,6 @@ def check_label_array(path: Path, key: str, value, count: int, num_classes: int)
         raise AnnotationError(f"{path}: {key} holds labels in {array.min()}..{array.max()}; expected "
                               f"0..{num_classes - 1}")
     return array.astype(np.int64)
-
-
-def noise_summary(true_labels: np.ndarray, given: np.ndarray, num_classes: int) -> dict:
-    """Realised rate and transition matrix where the true label is known."""
-    known = true_labels >= 0
-    out = {"realised_rate": float((given[known] != true_labels[known]).mean()) if known.any() else None}
-    if known.any() and num_classes <= 100:
-        out["transition_matrix"] = transition_matrix(true_labels[known], given[known], num_classes)
-    return out
 
 
 def apply_human_labels(source: Source, path: Path, label_set: str) -> dict:

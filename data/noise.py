@@ -93,6 +93,16 @@ def transition_matrix(true_labels: np.ndarray, given: np.ndarray, num_classes: i
     return np.round(counts / np.maximum(counts.sum(1, keepdims=True), 1), 4).tolist()
 
 
+def noise_summary(true_labels: np.ndarray, given: np.ndarray, num_classes: int) -> dict:
+    """Realised rate and, for up to 100 classes, the transition matrix, over the samples whose true label is
+    known (>= 0): what the manifest records of any source of noisy labels."""
+    known = true_labels >= 0
+    out = {"realised_rate": float((given[known] != true_labels[known]).mean()) if known.any() else None}
+    if known.any() and num_classes <= 100:
+        out["transition_matrix"] = transition_matrix(true_labels[known], given[known], num_classes)
+    return out
+
+
 def apply_noise(labels: np.ndarray, num_classes: int, spec: NoiseSpec | None, seed: int, dataset: str = "",
                 groups: np.ndarray | None = None, features: np.ndarray | None = None) -> np.ndarray:
     """Return noisy labels, deterministic in `seed`. symmetric/asymmetric/pairflip: each label is corrupted

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import labels, sources
-from .noise import apply_noise, parse_noise, transition_matrix
+from .noise import apply_noise, noise_summary, parse_noise
 from .shards import write_manifest, write_split
 
 logger = logging.getLogger("data.prepare")
@@ -100,10 +100,8 @@ def add_noise(source: sources.Source, spec_text: str | None, seed: int) -> dict:
     noisy = apply_noise(clean, len(source.class_names), spec, seed, source.name, groups, features)
     for r, c, y in zip(records, clean, noisy):
         r.true_label, r.label = int(c), int(y)
-    info = {"spec": str(spec), "seed": seed, "split": "train", "realised_rate": float((noisy != clean).mean())}
-    if len(source.class_names) <= 100:
-        info["transition_matrix"] = transition_matrix(clean, noisy, len(source.class_names))
-    return {"noise": info}
+    return {"noise": {"spec": str(spec), "seed": seed, "split": "train",
+                      **noise_summary(clean, noisy, len(source.class_names))}}
 
 
 def stratified_mask(labels: np.ndarray, count_of, rng: np.random.Generator) -> np.ndarray:

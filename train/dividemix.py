@@ -18,16 +18,15 @@ import torch.nn.functional as F
 
 from data.plan import EpochPlan, build_epoch_plan, epoch_rng
 from data.reader import id_loader
-from index.comm import gather_by_id
 
 from .config import Config
 from .dataset import Data
 from .epoch import pass_totals
 from .loop import RefreshStats, eval_batch_size, refresh, train_one_epoch
-from .methods import Tables, soft_cross_entropy, unwrap
+from .methods import Tables, beta_draw, soft_cross_entropy, unwrap
 from .metrics import noise_detection
-from .tables import check_tables_identical, fit_clean, memorisation, per_sample_loss, table_metrics, update_targets, \
-    windowed_losses
+from .tables import check_tables_identical, fit_losses, gmm_diagnostics, memorisation, refined_rows, table_metrics, \
+    update_targets
 
 VIEWS = 2  # every sample is read twice per step: two augmentations (the authors' inputs_x, inputs_x2)
 
@@ -64,33 +63,23 @@ def refresh_division(cfg: Config, epoch: int, model, data: Data, plan: EpochPlan
     their mean, and the soft targets hold the refined label w y + (1 - w) p of the two networks' mean p
     (what the label report proposes; DivideMix itself does not keep targets between epochs)."""
     t0 = time.perf_counter()
-    co, n = accelerator.unwrap_model(model), len(data.train)
+    co = accelerator.unwrap_model(model)
     ids = plan.refresh_slice(accelerator.process_index)
     stats = [refresh(net, data.train_plain, ids, accelerator, eval_batch_size(cfg, accelerator), cfg.workers)
              for net in co.nets]
     t1 = time.perf_counter()
     history = tables.loss_history if tables.loss_history is not None else [None, None]
-    per_net, windows, fits = np.zeros((n, 2), np.float32), [], []
-    for j, s in enumerate(stats):
-        losses = gather_by_id(s.ids, per_sample_loss(s.probs, data.train.labels[s.ids]).astype(np.float32), n)
-        window, losses = windowed_losses(history[j], losses, cfg.gmm_loss_window)
-        per_net[:, j], fit = fit_clean(losses, cfg.seed + epoch + 7919 * j, accelerator.is_main_process)
-        windows.append(window)
-        fits.append((fit, ~np.isnan(losses)))
-    tables.loss_history = None if windows[0] is None else np.stack(windows)
+    fits = [fit_losses(cfg, s, data.train.labels, history[j], cfg.seed + epoch + 7919 * j, accelerator.is_main_process)
+            for j, s in enumerate(stats)]  # (history, losses, clean, fit) per network
+    tables.loss_history = None if fits[0][0] is None else np.stack([f[0] for f in fits])
+    per_net = np.stack([f[2] for f in fits], 1)
     tables.clean_per_net, tables.clean = per_net, per_net.mean(1)
     ensemble = RefreshStats(stats[0].ids, (stats[0].probs + stats[1].probs) / 2, stats[0].embeddings)
-    w = tables.clean[ensemble.ids][:, None]
-    given = np.eye(ensemble.probs.shape[1], dtype=np.float32)[data.train.labels[ensemble.ids]]
-    update_targets(tables, ensemble, (w * given + (1 - w) * ensemble.probs).astype(np.float32), 0.0)
+    update_targets(tables, ensemble, refined_rows(ensemble.probs, ensemble.ids, data.train.labels, tables.clean), 0.0)
     out = {"time_refresh": t1 - t0, "time_gmm": time.perf_counter() - t1}
     out.update(division_metrics(cfg, per_net, data, plan.unique_ids))
     out.update(memorisation(ensemble, data.train))
-    fit, seen = fits[0]  # network 1's mixture in the scalars and the figure (main process)
-    if fit is not None:
-        out.update(gmm_mean_clean=fit.means[0], gmm_mean_noisy=fit.means[1], gmm_weight_clean=fit.weights[0])
-        known = (data.train.true_labels[seen] >= 0).all()
-        out["_figure_gmm"] = (fit, (data.train.labels != data.train.true_labels)[seen] if known else None)
+    out.update(gmm_diagnostics(fits[0][3], fits[0][1], data.train))  # network 1's mixture: scalars and figure
     return out
 
 
@@ -182,8 +171,7 @@ def mixmatch_loss(cfg: Config, model, net: int, tables: Tables, labels: np.ndarr
                 pu = sum(torch.softmax(m(u).float(), 1) for m in (own, other) for u in (u1, u2)) / 4
                 tu = sharpen_rows(pu, cfg.temperature)
         generator = torch.Generator().manual_seed(seed * 100_003 + step)
-        lam = float(np.random.default_rng(int(torch.randint(2**31, (1,), generator=generator))).beta(
-            cfg.mixup_alpha, cfg.mixup_alpha))
+        lam = float(beta_draw(cfg.mixup_alpha, generator))
         lam = max(lam, 1 - lam)
         inputs, targets = torch.cat([x1, x2, u1, u2]), torch.cat([tx, tx, tu, tu])
         perm = torch.randperm(len(inputs), generator=generator).to(inputs.device)

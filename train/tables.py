@@ -93,15 +93,18 @@ def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
     return powered / powered.sum(1, keepdims=True)
 
 
+def refined_rows(probs: np.ndarray, ids: np.ndarray, labels: np.ndarray, clean: np.ndarray) -> np.ndarray:
+    """DivideMix's label refinement w y + (1 - w) p of the rows of `ids`, w = P(clean), y the given label."""
+    w = clean[ids][:, None]
+    given = np.eye(probs.shape[1], dtype=np.float32)[labels[ids]]
+    return (w * given + (1 - w) * probs).astype(np.float32)
+
+
 def target_rows(cfg: Config, stats: RefreshStats, labels: np.ndarray, clean: np.ndarray) -> np.ndarray:
     """What the EMA moves this rank's targets toward: the (sharpened) prediction p (Eq. 12), or with
     `target_source: refined` DivideMix's refinement w y + (1 - w) p, w = P(clean)."""
     p = sharpen(stats.probs, cfg.sharpen)
-    if cfg.target_source == "prediction":
-        return p
-    w = clean[stats.ids][:, None]
-    given = np.eye(p.shape[1], dtype=np.float32)[labels[stats.ids]]
-    return (w * given + (1 - w) * p).astype(np.float32)
+    return p if cfg.target_source == "prediction" else refined_rows(p, stats.ids, labels, clean)
 
 
 def correction_due(cfg: Config, epoch: int) -> bool:
@@ -132,10 +135,9 @@ def refresh_tables(cfg: Config, epoch: int, model, data: Data, plan, tables: Tab
     stats = refresh_train(cfg, model, data, plan.refresh_slice(rank), accelerator,
                           progress=cfg.progress and accelerator.is_local_main_process)
     t1 = time.perf_counter()
-    labels = (tables.targets.corrected() if cfg.gmm_loss == "corrected" else data.train.labels)[stats.ids]
-    losses = gather_by_id(stats.ids, per_sample_loss(stats.probs, labels).astype(np.float32), len(data.train))
-    tables.loss_history, losses = windowed_losses(tables.loss_history, losses, cfg.gmm_loss_window)
-    clean, fit = fit_clean(losses, cfg.seed + epoch, accelerator.is_main_process)
+    labels = tables.targets.corrected() if cfg.gmm_loss == "corrected" else data.train.labels
+    tables.loss_history, losses, clean, fit = fit_losses(cfg, stats, labels, tables.loss_history, cfg.seed + epoch,
+                                                         accelerator.is_main_process)
     tables.clean = clean
     t2 = time.perf_counter()
     if correction_due(cfg, epoch):
@@ -155,13 +157,30 @@ def refresh_tables(cfg: Config, epoch: int, model, data: Data, plan, tables: Tab
     out.update(memorisation(stats, data.train))
     if tables.partners is not None:
         out.update(neighbour_diagnostics(tables.partners, data.train.labels, data.train.true_labels, plan.unique_ids))
-    if fit is not None:
-        out.update(gmm_mean_clean=fit.means[0], gmm_mean_noisy=fit.means[1], gmm_weight_clean=fit.weights[0])
-        seen = ~np.isnan(losses)
-        known = (data.train.true_labels[seen] >= 0).all()
-        noisy = (data.train.labels != data.train.true_labels)[seen] if known else None
-        out["_figure_gmm"] = (fit, noisy)  # drawn by the run log (main process), not a scalar
+    out.update(gmm_diagnostics(fit, losses, data.train))
     return out
+
+
+def fit_losses(cfg: Config, stats: RefreshStats, labels: np.ndarray, history: np.ndarray | None, seed: int,
+               is_main: bool) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, CleanFit | None]:
+    """This rank's per-sample losses against `labels` (by id), gathered into one [N] table, averaged over
+    the `gmm_loss_window` last refreshes, and the GMM's clean probabilities: (history, losses, clean, fit)."""
+    n = len(labels)
+    losses = gather_by_id(stats.ids, per_sample_loss(stats.probs, labels[stats.ids]).astype(np.float32), n)
+    history, losses = windowed_losses(history, losses, cfg.gmm_loss_window)
+    clean, fit = fit_clean(losses, seed, is_main)
+    return history, losses, clean, fit
+
+
+def gmm_diagnostics(fit: CleanFit | None, losses: np.ndarray, train: ShardDataset) -> dict:
+    """The mixture's scalars and its figure (main process only: `fit` is None elsewhere)."""
+    if fit is None:
+        return {}
+    seen = ~np.isnan(losses)
+    known = (train.true_labels[seen] >= 0).all()
+    noisy = (train.labels != train.true_labels)[seen] if known else None
+    return {"gmm_mean_clean": fit.means[0], "gmm_mean_noisy": fit.means[1], "gmm_weight_clean": fit.weights[0],
+            "_figure_gmm": (fit, noisy)}  # the figure is drawn by the run log, not logged as a scalar
 
 
 def memorisation(stats: RefreshStats, train: ShardDataset) -> dict:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import CrossEntropy, Tables, clean_weights, group_rows, mix_groups, soft_cross_entropy, unwrap
+from .base import CrossEntropy, Tables, beta_draw, clean_weights, group_rows, mix_groups, soft_cross_entropy, unwrap
 from .mixnn import MixNN, MixNNInBatch
 from .mixup import Mixup
 from .select import ConfidentLearning, Select, SelectCorrect
 from .selectmix import SelectMix
 
-__all__ = ["ConfidentLearning", "CrossEntropy", "Mixup", "MixNN", "MixNNInBatch", "Select", "SelectCorrect", "SelectMix", "Tables", "clean_weights", "create_method",
+__all__ = ["beta_draw", "ConfidentLearning", "CrossEntropy", "Mixup", "MixNN", "MixNNInBatch", "Select", "SelectCorrect", "SelectMix", "Tables", "clean_weights", "create_method",
            "group_rows", "mix_groups", "soft_cross_entropy", "unwrap"]
 
 

@@ -26,6 +26,13 @@ class Tables:
     clean_per_net: np.ndarray | None = None  # [N, 2] DivideMix: P(clean) from each network's own GMM
 
 
+def beta_draw(alpha: float, generator: torch.Generator, size: int | None = None):
+    """lambda ~ Beta(alpha, alpha) (one float, or an array of `size`), seeded from the step's `generator` so
+    a resumed run draws the same."""
+    seed = int(torch.randint(2**31, (1,), generator=generator))
+    return np.random.default_rng(seed).beta(alpha, alpha, size=size)
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Eq. 7: mean over the batch of -sum_c y_c log softmax(logits)_c."""
     return -(targets * F.log_softmax(logits.float(), dim=1)).sum(1).mean()

@@ -6,14 +6,13 @@ import torch
 
 from index.knn import knn_in_batch
 
-from .base import CrossEntropy, Tables, clean_weights, group_rows, mix_groups, unwrap
+from .base import CrossEntropy, Tables, beta_draw, clean_weights, group_rows, mix_groups, unwrap
 
 
 def beta_weights(n: int, groups: int, alpha: float, generator: torch.Generator) -> torch.Tensor:
     """[n, groups] weights: the anchor keeps max(lam, 1 - lam), lam ~ Beta(alpha, alpha); the partners share
     the rest equally. Drawn from `generator` (seeded per step) so a resumed run draws the same."""
-    seed = int(torch.randint(2**31, (1,), generator=generator))
-    lam = torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, size=n)).float()
+    lam = torch.from_numpy(beta_draw(alpha, generator, size=n)).float()
     lam = torch.maximum(lam, 1 - lam)
     rest = ((1 - lam) / max(groups - 1, 1))[:, None].expand(n, groups - 1)
     return torch.cat([lam[:, None], rest], 1)

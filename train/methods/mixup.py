@@ -1,10 +1,9 @@
 """mixup (Zhang et al. 2018): a random partner inside the batch."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from .base import CrossEntropy
+from .base import CrossEntropy, beta_draw
 
 
 class Mixup(CrossEntropy):
@@ -19,6 +18,6 @@ class Mixup(CrossEntropy):
         x, y = super().inputs_targets(batch, tables, generator)
         if len(x) < 2:
             return x, y
-        lam = float(np.random.default_rng(int(torch.randint(2**31, (1,), generator=generator))).beta(self.alpha, self.alpha))
+        lam = float(beta_draw(self.alpha, generator))
         perm = torch.randperm(len(x), generator=generator)
         return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
