@@ -6,6 +6,7 @@ process would read at step s, so a run's data order does not depend on the numbe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -27,9 +28,10 @@ class EpochPlan:
     def steps(self) -> int:
         return len(self.ids) // self.batch_size
 
-    @property
+    @cached_property
     def unique_ids(self) -> np.ndarray:
-        """Sorted distinct ids of the epoch (what the refresh pass covers)."""
+        """Sorted distinct ids of the epoch (what the refresh pass covers). Computed once: every step asks for
+        it (random partners), and recomputing it per step made an epoch grow as steps x N."""
         return np.unique(self.ids)
 
     def batches(self, rank: int) -> list[np.ndarray]:
@@ -71,12 +73,12 @@ def class_balanced_subset(labels: np.ndarray, size: int, seed: int, epoch: int) 
     """`size` ids drawn equally per given label, shuffled; a class smaller than its share is taken whole
     as often as it fits, the rest drawn without replacement (every member appears)."""
     rng = epoch_rng(seed, epoch, stream=1)
-    classes = np.unique(labels)
+    classes, counts = np.unique(labels, return_counts=True)
     per_class = np.full(len(classes), size // len(classes))
     per_class[: size % len(classes)] += 1
+    by_class = np.split(np.argsort(labels, kind="stable"), np.cumsum(counts)[:-1])  # O(N log N), not O(N x C)
     picks = []
-    for c, n in zip(classes, per_class):
-        members = np.flatnonzero(labels == c)
+    for members, n in zip(by_class, per_class):
         whole, rest = divmod(int(n), len(members))
         picks += [rng.permutation(members) for _ in range(whole)] + [rng.choice(members, size=rest, replace=False)]
     return rng.permutation(np.concatenate(picks)).astype(np.int64)

@@ -22,7 +22,8 @@ import numpy as np
 from .sources import Record, file_bytes, image_extension
 
 FORMAT_VERSION = 1
-MTIME = 0.0  # fixed member mtime: the same input gives byte-identical shards
+MTIME = 0  # fixed member mtime (an int: a float mtime makes tarfile add a PAX header to every member,
+#            doubling the shard size and the time to write and index it); the same input gives byte-identical shards
 IMAGE_EXTS = ("jpg", "png", "bmp", "webp", "gif", "tiff")
 logger = logging.getLogger(__name__)
 

@@ -62,11 +62,12 @@ def run_epoch(cfg: Config, epoch: int, model, optimizer, method, data: Data, tab
     make_plan = lambda ids: build_epoch_plan(data.train.labels, seed=cfg.seed, epoch=epoch, batch_size=cfg.batch_size,
                                              world_size=world, num_batches=cfg.num_batches, subset=ids)
     plan = make_plan(subset)
-    metrics = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+    metrics = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "time_plan": time.perf_counter() - started}
     if epoch >= cfg.warmup_epochs and method.uses_tables and start_step == 0 and refresh_due(cfg, epoch, tables):
         metrics.update(refresh_tables(cfg, epoch, model, data, plan, tables, accelerator))
+        t0 = time.perf_counter()
         check_tables_identical(tables)
-        metrics["tables_checked_ranks"] = world
+        metrics.update(tables_checked_ranks=world, time_check=time.perf_counter() - t0)
     elif memorisation_due(cfg, epoch):
         metrics.update(memorisation_pass(cfg, model, data, plan, accelerator))
     epoch_ids = plan.unique_ids  # the metrics below cover the whole epoch, whatever part of it trains
@@ -76,14 +77,18 @@ def run_epoch(cfg: Config, epoch: int, model, optimizer, method, data: Data, tab
         plan = make_plan(keep)
     method = epoch_method(cfg, epoch, method)
     seed = (cfg.seed * 1_000_003 + epoch) * 1009 + rank
+    t0 = time.perf_counter()
     batches = train_batches(cfg, epoch, plan, method, tables, rank)[start_step:]
+    metrics["time_partners"] = time.perf_counter() - t0
     loader = id_loader(data.train, batches, cfg.workers, seed, first_step=start_step)
     stats = train_one_epoch(model, optimizer, method_loss(method, tables, seed, model), loader, accelerator,
                             data.input_shape, progress=cfg.progress and accelerator.is_local_main_process, stop=stop,
                             start_step=start_step)
     metrics.update(pass_totals(stats))
+    t0 = time.perf_counter()
     metrics.update(table_metrics(data.train, tables, epoch_ids))
     metrics.update(method.epoch_metrics(data.train.true_labels))
+    metrics["time_metrics"] = time.perf_counter() - t0
     metrics["epoch_seconds"] = time.perf_counter() - started  # everything but evaluation and checkpoint
     return metrics
 

@@ -140,16 +140,20 @@ def train(cfg: Config) -> dict:
         metrics.update(evaluate_splits(cfg, epoch, run.model, run.data, accelerator))
         run.scheduler.step()
         run.best, is_best = update_best(run.best, metrics, select)
+        t0 = time.perf_counter()
         state = checkpoint_state(cfg, epoch, run.model, run.optimizer, run.scheduler, tables, run.best, accelerator)
         if accelerator.is_main_process:
             save_checkpoint(run.run_dir, state, epoch, keep=cfg.keep_checkpoints, is_best=is_best)
+        metrics["time_checkpoint"] = time.perf_counter() - t0  # on the main process: gathering RNG states and writing
         log.write(metrics, tables, run.data.train)
         logger.info(format_epoch(metrics), main_process_only=True)
         accelerator.wait_for_everyone()
     metrics["train_seconds_total"] = time.perf_counter() - started  # this process's wall time, stage included
     summary = final_summary(cfg, run.run_dir, metrics, run.best, accelerator, log)
     if accelerator.is_main_process and metrics:
+        t0 = time.perf_counter()
         write_report(run.run_dir, run.data.train, tables, run.data.manifest["class_names"], log.tensorboard())
+        logger.info("label report written in %.1f s", time.perf_counter() - t0)
     accelerator.end_training()
     return summary
 

@@ -11,7 +11,7 @@ import torch
 from data.reader import ShardDataset
 from index.comm import all_gather_rows, broadcast_array, gather_by_id
 from index.gmm import CleanFit, clean_probability
-from index.knn import knn_sharded, knn_with_recall
+from index.knn import knn_sharded, knn_with_recall, search_space
 
 from .config import Config
 from .dataset import Data
@@ -67,19 +67,20 @@ def neighbour_table(stats: RefreshStats, num_samples: int, cfg, pool: np.ndarray
     sharded search, and the recall@k of an approximate index against exact search on sampled queries
     (None when exact or per-class). `pool` [N] bool limits the neighbours, `classes` [N] searches each
     anchor's neighbours among the pool members of its own class."""
-    options = dict(metric=cfg.metric, transfer_dtype=np.dtype(cfg.embed_transfer), hnsw_m=cfg.hnsw_m,
+    options = dict(transfer_dtype=np.dtype(cfg.embed_transfer), hnsw_m=cfg.hnsw_m,
                    hnsw_ef=cfg.hnsw_ef, ivf_nprobe=cfg.ivf_nprobe, clustered_nprobe=cfg.clustered_nprobe)
     table = np.full((num_samples, cfg.k), -1, dtype=np.int64)
     database = None if pool is None else pool[stats.ids]
     if classes is None:
         query_ids, neighbours, recall = knn_with_recall(stats.embeddings, stats.ids, cfg.k, index=cfg.knn_index,
                                                         recall_queries=cfg.recall_queries, database=database,
-                                                        **options)
+                                                        dim=cfg.knn_dim, metric=cfg.metric, **options)
         table[query_ids] = neighbours
         return table, recall
     local = classes[stats.ids]
+    vectors, metric = search_space(stats.embeddings, cfg.metric, cfg.knn_dim)
     for c in range(int(classes.max()) + 1):  # every rank runs the same classes (collectives inside)
-        query_ids, neighbours = knn_sharded(stats.embeddings, stats.ids, cfg.k, index=cfg.knn_index,
+        query_ids, neighbours = knn_sharded(vectors, stats.ids, cfg.k, index=cfg.knn_index, metric=metric,
                                             queries=local == c, database=database & (local == c), **options)
         table[query_ids] = neighbours
     return table, None
@@ -117,9 +118,8 @@ def correction_due(cfg: Config, epoch: int) -> bool:
 def update_targets(tables: Tables, stats: RefreshStats, new: np.ndarray, momentum: float) -> None:
     """Eq. 12 (t = a t + (1 - a) new) on this rank's rows, then every rank writes every rank's new rows."""
     rows = tables.targets.ema_rows(stats.ids, torch.from_numpy(new), momentum).numpy()
-    all_ids = np.concatenate(all_gather_rows(stats.ids))
-    all_rows = np.concatenate(all_gather_rows(rows.astype(np.float32)))
-    tables.targets.assign(all_ids, torch.from_numpy(all_rows))
+    for ids, part in zip(all_gather_rows(stats.ids), all_gather_rows(rows)):  # rank by rank: no N-row copy
+        tables.targets.assign(ids, torch.from_numpy(part))
 
 
 def refresh_train(cfg: Config, model, data: Data, ids: np.ndarray, accelerator, progress: bool = False) -> RefreshStats:
@@ -136,8 +136,10 @@ def refresh_tables(cfg: Config, epoch: int, model, data: Data, plan, tables: Tab
                           progress=cfg.progress and accelerator.is_local_main_process)
     t1 = time.perf_counter()
     labels = tables.targets.corrected() if cfg.gmm_loss == "corrected" else data.train.labels
-    tables.loss_history, losses, clean, fit = fit_losses(cfg, stats, labels, tables.loss_history, cfg.seed + epoch,
-                                                         accelerator.is_main_process)
+    losses = gather_losses(stats, labels)
+    t_gathered = time.perf_counter()
+    tables.loss_history, losses = windowed_losses(tables.loss_history, losses, cfg.gmm_loss_window)
+    clean, fit = fit_clean(losses, cfg.seed + epoch, accelerator.is_main_process)
     tables.clean = clean
     t2 = time.perf_counter()
     if correction_due(cfg, epoch):
@@ -148,7 +150,8 @@ def refresh_tables(cfg: Config, epoch: int, model, data: Data, plan, tables: Tab
     else:
         tables.partners, recall = None, None  # in-batch neighbours are found at each step
     t4 = time.perf_counter()
-    out = {"time_refresh": t1 - t0, "time_gmm": t2 - t1, "time_targets": t3 - t2, "time_knn": t4 - t3,
+    out = {"time_refresh": t1 - t0, "time_gather": t_gathered - t1, "time_gmm": t2 - t_gathered,
+           "time_targets": t3 - t2, "time_knn": t4 - t3,
            "clean_fraction": float((clean[plan.unique_ids] > 0.5).mean()),
            "neighbour_agreement": (neighbour_agreement(tables.partners, data.train.labels, plan.unique_ids)
                                    if tables.partners is not None else None)}
@@ -165,11 +168,14 @@ def fit_losses(cfg: Config, stats: RefreshStats, labels: np.ndarray, history: np
                is_main: bool) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, CleanFit | None]:
     """This rank's per-sample losses against `labels` (by id), gathered into one [N] table, averaged over
     the `gmm_loss_window` last refreshes, and the GMM's clean probabilities: (history, losses, clean, fit)."""
-    n = len(labels)
-    losses = gather_by_id(stats.ids, per_sample_loss(stats.probs, labels[stats.ids]).astype(np.float32), n)
-    history, losses = windowed_losses(history, losses, cfg.gmm_loss_window)
+    history, losses = windowed_losses(history, gather_losses(stats, labels), cfg.gmm_loss_window)
     clean, fit = fit_clean(losses, seed, is_main)
     return history, losses, clean, fit
+
+
+def gather_losses(stats: RefreshStats, labels: np.ndarray) -> np.ndarray:
+    """This rank's per-sample losses against `labels` (by id), gathered into one [N] table (NaN: not refreshed)."""
+    return gather_by_id(stats.ids, per_sample_loss(stats.probs, labels[stats.ids]).astype(np.float32), len(labels))
 
 
 def gmm_diagnostics(fit: CleanFit | None, losses: np.ndarray, train: ShardDataset) -> dict:
@@ -231,10 +237,12 @@ def refresh_due(cfg: Config, epoch: int, tables: Tables) -> bool:
 
 def check_tables_identical(tables: Tables) -> None:
     """Every rank must hold the same per-sample tables; a CRC of each is compared across ranks."""
-    parts = [tables.targets.values.numpy().tobytes(), b"" if tables.clean is None else tables.clean.tobytes(),
-             b"" if tables.partners is None else tables.partners.tobytes(),
-             b"" if tables.clean_per_net is None else tables.clean_per_net.tobytes()]
-    digest = np.array([[zlib.crc32(p) for p in parts]], dtype=np.int64)
+    targets = tables.targets
+    parts = [targets.values.numpy(), targets.classes.numpy() if targets.topk else None, tables.clean,
+             tables.partners, tables.clean_per_net]
+    # crc32 reads the arrays' buffers in place (no copy of an N x C table)
+    digest = np.array([[0 if p is None else zlib.crc32(np.ascontiguousarray(p).view(np.uint8)) for p in parts]],
+                      dtype=np.int64)
     everyone = np.concatenate(all_gather_rows(digest))
     if (everyone != everyone[0]).any():
         raise RuntimeError(f"per-sample tables differ between ranks (CRCs {everyone.tolist()})")

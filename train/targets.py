@@ -29,6 +29,7 @@ class SoftTargets:
         else:
             self.values = torch.zeros(n, num_classes, dtype=torch.float16)
             self.values[torch.arange(n), labels] = 1.0
+        self._corrected = labels.numpy().copy()  # argmax t per id, kept current by `assign`
 
     @property
     def bytes_per_sample(self) -> int:
@@ -44,33 +45,56 @@ class SoftTargets:
         return dense.scatter_add_(1, self.classes[ids].long(), values)
 
     def ema_rows(self, ids, probs: torch.Tensor, momentum: float) -> torch.Tensor:
-        """New rows in storage form, concatenated [n, k or C] (classes first in top-k mode), for gathering."""
-        mixed = momentum * self.rows(ids) + (1.0 - momentum) * probs.float()
+        """New rows in storage form [n, k or C] (top-k: classes then values), for gathering: float16 values
+        in dense mode (half the bytes on the wire), float32 in top-k mode (class ids must stay exact)."""
         if not self.topk:
-            return mixed.half().float()
-        values, classes = mixed.topk(self.topk, dim=1)
+            return (momentum * self.rows(ids) + (1.0 - momentum) * probs.float()).half()
+        values, classes = self.topk_of_ema(ids, probs.float(), momentum)
         values = values / values.sum(1, keepdim=True).clamp_min(1e-12)
         return torch.cat([classes.float(), values.half().float()], dim=1)
 
+    def topk_of_ema(self, ids, probs: torch.Tensor, momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, classes) of the k largest entries of a t + (1 - a) p without building the dense rows: t has
+        at most k non-zero classes, and every other class is (1 - a) p_c, so the top k lie among t's k slots and
+        p's own top k. The values equal the dense computation's bit for bit (same products, same sums)."""
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        old_classes, old_values = self.classes[ids].long(), self.values[ids].float()
+        top_classes = probs.topk(self.topk, dim=1).indices
+        candidates = torch.cat([old_classes, top_classes], dim=1)  # [n, 2k]
+        values = (1.0 - momentum) * probs.gather(1, candidates)
+        values[:, : self.topk] += momentum * old_values
+        repeated = (top_classes[:, :, None] == old_classes[:, None, :]).any(2)  # already one of t's slots
+        values[:, self.topk:] = values[:, self.topk:].masked_fill(repeated, -1.0)
+        best, where = values.topk(self.topk, dim=1)
+        return best, candidates.gather(1, where)
+
     def assign(self, ids, rows: torch.Tensor) -> None:
-        """Write rows produced by `ema_rows` (possibly on another rank)."""
+        """Write rows produced by `ema_rows` (possibly on another rank); the corrected labels of those ids follow."""
         ids = torch.as_tensor(ids, dtype=torch.long)
         if self.topk:
             self.classes[ids] = rows[:, : self.topk].round().to(torch.int32)
             self.values[ids] = rows[:, self.topk:].half()
         else:
             self.values[ids] = rows.half()
+        self._corrected[ids.numpy()] = self.argmax(ids)
+
+    def argmax(self, ids=None) -> np.ndarray:
+        """argmax t of the given ids (all when None), computed from the stored rows."""
+        values = self.values if ids is None else self.values[ids]
+        best = values.argmax(1, keepdim=True)  # on the float16 rows: no float32 copy of an N x C table
+        if self.topk:
+            classes = self.classes if ids is None else self.classes[ids]
+            return classes.gather(1, best).squeeze(1).long().numpy()
+        return best.squeeze(1).long().numpy()
 
     def corrected(self) -> np.ndarray:
-        """argmax t per sample id: the corrected label."""
-        if self.topk:
-            best = self.values.float().argmax(1, keepdim=True)
-            return self.classes.gather(1, best).squeeze(1).long().numpy()
-        return self.values.float().argmax(1).numpy()
+        """argmax t per sample id: the corrected label (kept current by `assign`: no pass over the N x C table).
+        A copy: callers may keep it across updates."""
+        return self._corrected.copy()
 
     def confidence(self) -> np.ndarray:
         """max t per sample id."""
-        return self.values.float().max(1).values.numpy()
+        return self.values.max(1).values.float().numpy()
 
     def state_dict(self) -> dict:
         state = {"values": self.values, "topk": self.topk, "num_classes": self.num_classes}
@@ -84,3 +108,4 @@ class SoftTargets:
         self.values = state["values"].clone()
         if self.topk:
             self.classes = state["classes"].clone()
+        self._corrected = self.argmax()

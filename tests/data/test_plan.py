@@ -30,6 +30,24 @@ def test_class_balanced_subset():
     assert len(plan.slice(0)) == len(plan.slice(1)) == 150
 
 
+def test_class_balanced_subset_draws_as_the_per_class_scan_did():
+    """Grouping by one argsort (O(N log N)) gives each class's members in the same order as scanning for
+    them class by class (O(N x C)), so the draw and every run's data order are unchanged."""
+    from data.plan import class_balanced_subset, epoch_rng
+
+    labels = np.random.default_rng(0).integers(0, 7, 5000)
+    labels[labels == 3] = 2  # a class without members
+    rng = epoch_rng(1, 4, stream=1)
+    classes = np.unique(labels)
+    picks = []
+    for c, n in zip(classes, [600 // len(classes) + (i < 600 % len(classes)) for i in range(len(classes))]):
+        members = np.flatnonzero(labels == c)
+        whole, rest = divmod(int(n), len(members))
+        picks += [rng.permutation(members) for _ in range(whole)] + [rng.choice(members, size=rest, replace=False)]
+    expected = rng.permutation(np.concatenate(picks))
+    assert np.array_equal(class_balanced_subset(labels, 600, seed=1, epoch=4), expected)
+
+
 def test_batch_size_must_split():
     with pytest.raises(ValueError, match="multiple of the 2 processes"):
         build_epoch_plan(np.zeros(10, int), seed=0, epoch=0, batch_size=7, world_size=2)

@@ -99,3 +99,28 @@ def test_clustered_index_with_every_list_probed_is_exact(metric):
     lists = one.index.nearest_centroid(x)
     own = one.index.nearest_centroid(queries)
     assert (lists[p1] == own[:, None]).all()  # every answer comes from the probed list
+
+
+def pca_child(rank, x, ids, dim, index):
+    from index.knn import knn_with_recall
+
+    rows = np.array_split(np.arange(len(x)), 2)[rank]
+    return knn_with_recall(x[rows], ids[rows], 2, index=index, recall_queries=300, dim=dim, clustered_nprobe=4)
+
+
+@pytest.mark.parametrize("index", ["exact", "clustered"])
+def test_pca_projected_search_on_two_ranks(tmp_path, index):
+    """Rows spanning 12 of 256 dimensions (plus faint noise): the search on their 12-d PCA projection finds
+    the full-dimension neighbours; both ranks project with rank 0's matrix, so the tables are identical, and
+    the recall is measured against exact full-dimension search (reported even with the exact index)."""
+    rng = np.random.default_rng(5)
+    x = (clustered(1500, 12, 20, seed=4) @ rng.normal(size=(12, 256)) + 0.01 * rng.normal(size=(1500, 256)))
+    x = x.astype(np.float32)
+    ids = np.arange(1500)
+    (q0, t0, r0), (q1, t1, r1) = run_distributed(pca_child, 2, x, ids, 12, index, tmp_path=tmp_path)
+    assert np.array_equal(t0, t1) and r0 == r1 and r0 is not None
+    true_recall = float((t0 == knn_exact(x, ids, 2)).mean())
+    assert true_recall > (0.99 if index == "exact" else 0.95) and abs(r0 - true_recall) < 0.05
+    # too few dimensions lose neighbours, and the recall says so
+    (_, t2, r2), _ = run_distributed(pca_child, 2, x, ids, 2, index, tmp_path=tmp_path)
+    assert r2 < 0.9 and float((t2 == knn_exact(x, ids, 2)).mean()) < 0.9

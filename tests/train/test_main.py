@@ -51,7 +51,9 @@ def test_tensorboard_has_the_named_scalars(full_run):
     tags = set(events.Tags()["scalars"])
     for name in ("train/train_loss", "train/lr", "eval/test_top1", "eval/val_top1", "labels/label_correction_accuracy",
                  "noise/clean_fraction", "noise/noise_precision", "noise/noise_recall", "noise/noise_auc",
-                 "time/time_refresh", "time/time_gmm", "time/time_knn", "neighbours/neighbour_agreement",
+                 "time/time_refresh", "time/time_gmm", "time/time_knn", "time/time_gather", "time/time_check",
+                 "time/time_plan", "time/time_partners", "time/time_metrics", "time/time_checkpoint",
+                 "neighbours/neighbour_agreement",
                  "neighbours/nn_given_is_anchor_true", "neighbours/nn_truly_clean", "gmm/gmm_mean_clean",
                  "train/images_per_second", "memorisation/train_acc_given_truly_noisy"):
         assert name in tags, name

@@ -44,6 +44,50 @@ def test_eq12_ema_soft_targets(topk):
     assert t.bytes_per_sample == (6 if not topk else 12)
 
 
+def dense_topk_ema(t: SoftTargets, ids, probs: torch.Tensor, momentum: float) -> torch.Tensor:
+    """The top-k EMA as first written: dense rows, then the k largest (the reference for the sparse path)."""
+    values, classes = (momentum * t.rows(ids) + (1 - momentum) * probs).topk(t.topk, dim=1)
+    values = values / values.sum(1, keepdim=True).clamp_min(1e-12)
+    return torch.cat([classes.float(), values.half().float()], dim=1)
+
+
+def test_topk_ema_without_dense_rows_equals_the_dense_computation():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 50, (300,), generator=gen).numpy()
+    sparse, dense = SoftTargets(labels, 50, topk=4), SoftTargets(labels, 50, topk=4)
+    ids = np.arange(300)
+    for epoch in range(6):  # t's slots and p's top classes overlap more and more as the EMA converges
+        logits = torch.randn(300, 50, generator=gen)
+        logits[torch.arange(300), torch.from_numpy(labels)] += 2.0 * epoch
+        probs = torch.softmax(logits, 1)
+        got, want = sparse.ema_rows(ids, probs, 0.7), dense_topk_ema(dense, ids, probs, 0.7)
+        # the same values in the same order; classes may differ only where values tie exactly
+        assert torch.equal(got[:, 4:], want[:, 4:])
+        assert (got[:, :4] == want[:, :4]).float().mean() > 0.999
+        sparse.assign(ids, got)
+        dense.assign(ids, want)
+    assert torch.allclose(sparse.rows(ids), dense.rows(ids))
+
+
+@pytest.mark.parametrize("topk", [0, 3])
+def test_corrected_labels_follow_every_assign_and_restore(topk):
+    labels = np.array([0, 1, 2, 3, 4, 0])
+    t = SoftTargets(labels, 5, topk=topk)
+    assert t.corrected().tolist() == labels.tolist()
+    probs = torch.full((2, 5), 0.01)
+    probs[:, 4] = 0.96
+    for _ in range(20):
+        t.assign([1, 5], t.ema_rows([1, 5], probs, 0.5))
+    assert t.corrected().tolist() == [0, 4, 2, 3, 4, 4]
+    assert np.array_equal(t.corrected(), t.argmax())  # the kept labels are argmax t of the stored rows
+    u = SoftTargets(labels, 5, topk=topk)
+    u.load_state_dict(t.state_dict())
+    assert u.corrected().tolist() == [0, 4, 2, 3, 4, 4]
+    kept = t.corrected()
+    kept[0] = 3  # a copy: callers cannot change the table
+    assert t.corrected()[0] == 0
+
+
 def test_soft_targets_state_round_trip():
     t = SoftTargets(np.array([1, 0]), 2)
     u = SoftTargets(np.array([0, 0]), 2)
