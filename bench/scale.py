@@ -203,12 +203,14 @@ def tables_worker(rank: int, world: int, port: int, n: int, classes: int, topk: 
         timings.clear()
         plan = timed("plan", lambda: build_epoch_plan(labels, seed=0, epoch=epoch, batch_size=256, world_size=world))
         ids = plan.refresh_slice(rank)
-        logits = rng.standard_normal((len(ids), classes), dtype=np.float32)  # the refresh pass's output
-        logits[np.arange(len(ids)), true[ids]] += 4.0
-        np.exp(logits - logits.max(1, keepdims=True), out=logits)
-        logits /= logits.sum(1, keepdims=True)
-        stats = RefreshStats(ids, logits, np.zeros((len(ids), 0), np.float32))
-        del logits
+        probs = np.empty((len(ids), classes), np.float32)  # the refresh pass's output, made batch by batch
+        for start in range(0, len(ids), 65536):
+            part = rng.standard_normal((min(65536, len(ids) - start), classes), dtype=np.float32)
+            part[np.arange(len(part)), true[ids[start:start + len(part)]]] += 4.0
+            np.exp(part - part.max(1, keepdims=True), out=part)
+            probs[start:start + len(part)] = part / part.sum(1, keepdims=True)
+        stats = RefreshStats(ids, probs, np.zeros((len(ids), 0), np.float32))
+        del probs
         losses = timed("gather", gather_losses, stats, labels)
         tables.loss_history, losses = timed("window", windowed_losses, tables.loss_history, losses, cfg.gmm_loss_window)
         tables.clean, _ = timed("GMM", fit_clean, losses, epoch, rank == 0)

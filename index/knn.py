@@ -200,7 +200,8 @@ def knn_sharded(embeddings: np.ndarray, ids: np.ndarray, k: int, *, metric: str 
     shard = prepare_embeddings(embeddings, metric)
     ids = np.asarray(ids, dtype=np.int64)
     found = np.flatnonzero(database) if database is not None else np.arange(len(ids))
-    searcher = ShardSearcher(shard[found], metric, index, **index_options)
+    # no copy of the shard when every row may be found
+    searcher = ShardSearcher(shard if database is None else shard[found], metric, index, **index_options)
     db_ids = ids[found]
     local = np.flatnonzero(queries) if queries is not None else np.arange(len(ids))
     counts = [len(c) for c in all_gather_rows(local)]

@@ -46,7 +46,8 @@ def refresh(model, dataset: ShardDataset, ids: np.ndarray, accelerator, batch_si
             progress: bool = False) -> RefreshStats:
     """Eval-mode forward over this rank's ids (no augmentation): softmax and embeddings per id."""
     model.eval()
-    out_ids, probs, embeddings = [], [], []
+    n = len(ids)  # rows are written in place (allocated at the first batch): the n x d embeddings are never held twice
+    out_ids, probs, embeddings, filled = np.zeros(n, np.int64), None, None, 0
     loader = id_loader(dataset, batched(ids, batch_size), workers)
     for batch in progress_bar(loader, "refresh", progress):
         if batch["images"] is None:
@@ -54,14 +55,21 @@ def refresh(model, dataset: ShardDataset, ids: np.ndarray, accelerator, batch_si
         keep = batch["valid"]
         with accelerator.autocast():
             features, logits = embed_and_classify(model, batch["images"][keep].to(accelerator.device))
-        out_ids.append(batch["ids"][keep].numpy())
-        probs.append(torch.softmax(logits.float(), 1).cpu().numpy())
-        embeddings.append(features.float().cpu().numpy())
-    if not out_ids:
+        if probs is None:
+            probs = np.zeros((n, logits.shape[1]), np.float32)
+            embeddings = np.zeros((n, features.shape[1]), np.float32)
+        end = filled + int(keep.sum())
+        out_ids[filled:end] = batch["ids"][keep].numpy()
+        probs[filled:end] = torch.softmax(logits.float(), 1).cpu().numpy()
+        embeddings[filled:end] = features.float().cpu().numpy()
+        filled = end
+    if probs is None:
         empty = np.zeros((0,), np.int64)
         return RefreshStats(empty, np.zeros((0, model.get_classifier().out_features), np.float32),
                             np.zeros((0, model.num_features), np.float32))
-    return RefreshStats(np.concatenate(out_ids), np.concatenate(probs), np.concatenate(embeddings))
+    if filled < n:  # unreadable samples were skipped (the copy is as small as they are rare)
+        return RefreshStats(out_ids[:filled].copy(), probs[:filled].copy(), embeddings[:filled].copy())
+    return RefreshStats(out_ids, probs, embeddings)
 
 
 def zero_loss_step(model, shape, accelerator) -> torch.Tensor:
