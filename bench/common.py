@@ -54,6 +54,15 @@ VARIANTS = {
 }
 
 
+def cpu_launch(ranks: int) -> list[str]:
+    """The command prefix that runs a repository script on `ranks` CPU processes: `accelerate launch` with
+    launch/accelerate/cpu2.yaml for 2 (`--cpu --num_processes 2` starts one), plain python for 1. Run it
+    with ACCELERATE_USE_CPU=true in the environment."""
+    if ranks == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch/accelerate/cpu2.yaml")]
+
+
 def parse_variant(name: str) -> list[str]:
     """Arguments of a variant: a `VARIANTS` key, optionally followed by `+key=value` overrides
     (e.g. `mixnn+ema=0.5+sharpen=0.5`)."""

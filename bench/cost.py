@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import cpu_launch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -70,9 +71,7 @@ METHOD_ARGS = {"selectmix": ["--method", "selectmix", "--cv_folds", "2", "--cv_e
 
 def run(method: str, ranks: int, args: list[str], epochs: int, out: Path) -> list[dict]:
     name = f"{method}-{ranks}-{int(time.time() * 1000) % 10**8}"
-    launch = ([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "launch/accelerate/cpu2.yaml")] if ranks == 2 else [sys.executable])
-    cmd = [*launch, str(REPO / "train/main.py"), *args, "--epochs", str(epochs),
+    cmd = [*cpu_launch(ranks), str(REPO / "train/main.py"), *args, "--epochs", str(epochs),
            "--warmup_epochs", "0", "--correction_epoch", "0", "--eval_every", "1000", "--progress", "false",
            "--output", str(out), "--run_name", name, *METHOD_ARGS.get(method, ["--method", method])]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}

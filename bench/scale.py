@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import resource
 import subprocess
@@ -38,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import cpu_launch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -86,8 +86,7 @@ def train_run(data: Path, regime: str, epochs: int, out: Path, reuse: bool, knn:
     run = out / f"{data.name}-{regime}"
     if reuse and (run / "final.json").is_file():
         return run
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "launch/accelerate/cpu2.yaml"), str(REPO / "train/main.py"), "--dataset", "digits",
+    cmd = [*cpu_launch(2), str(REPO / "train/main.py"), "--dataset", "digits",
            "--data", str(data), "--model", "small_mlp", "--method", "mixnn", *knn,
            "--epochs", str(epochs), "--warmup_epochs", "0", "--correction_epoch", "0", "--eval_splits", "",
            "--progress", "false", "--output", str(out), "--run_name", run.name, *REGIMES[regime]]
@@ -181,7 +180,7 @@ def tables_worker(rank: int, world: int, port: int, n: int, classes: int, topk: 
     rng = np.random.default_rng(rank)
     labels = np.random.default_rng(0).integers(0, classes, n)
     true = np.where(np.random.default_rng(1).random(n) < 0.4, np.random.default_rng(2).integers(0, classes, n), labels)
-    cfg = Config(targets_topk=topk, correction_epoch=0, ema=0.9, knn_scope="batch")
+    cfg = Config(targets_topk=topk, correction_epoch=0, ema=0.9)
 
     class Train:  # what table_metrics reads of a ShardDataset
         def __len__(self):

@@ -25,7 +25,7 @@ from .epoch import pass_totals
 from .loop import RefreshStats, eval_batch_size, refresh, train_one_epoch
 from .methods import Tables, beta_draw, soft_cross_entropy, unwrap
 from .metrics import noise_detection
-from .tables import check_tables_identical, fit_losses, gmm_diagnostics, memorisation, refined_rows, table_metrics, \
+from .tables import check_tables_identical, fit_losses, gather_losses, gmm_diagnostics, memorisation, refined_rows, table_metrics, \
     update_targets
 
 VIEWS = 2  # every sample is read twice per step: two augmentations (the authors' inputs_x, inputs_x2)
@@ -69,8 +69,8 @@ def refresh_division(cfg: Config, epoch: int, model, data: Data, plan: EpochPlan
              for net in co.nets]
     t1 = time.perf_counter()
     history = tables.loss_history if tables.loss_history is not None else [None, None]
-    fits = [fit_losses(cfg, s, data.train.labels, history[j], cfg.seed + epoch + 7919 * j, accelerator.is_main_process)
-            for j, s in enumerate(stats)]  # (history, losses, clean, fit) per network
+    fits = [fit_losses(cfg, gather_losses(s, data.train.labels), history[j], cfg.seed + epoch + 7919 * j,
+                       accelerator.is_main_process) for j, s in enumerate(stats)]  # (history, losses, clean, fit) per network
     tables.loss_history = None if fits[0][0] is None else np.stack([f[0] for f in fits])
     per_net = np.stack([f[2] for f in fits], 1)
     tables.clean_per_net, tables.clean = per_net, per_net.mean(1)

@@ -138,8 +138,8 @@ def refresh_tables(cfg: Config, epoch: int, model, data: Data, plan, tables: Tab
     labels = tables.targets.corrected() if cfg.gmm_loss == "corrected" else data.train.labels
     losses = gather_losses(stats, labels)
     t_gathered = time.perf_counter()
-    tables.loss_history, losses = windowed_losses(tables.loss_history, losses, cfg.gmm_loss_window)
-    clean, fit = fit_clean(losses, cfg.seed + epoch, accelerator.is_main_process)
+    tables.loss_history, losses, clean, fit = fit_losses(cfg, losses, tables.loss_history, cfg.seed + epoch,
+                                                         accelerator.is_main_process)
     tables.clean = clean
     t2 = time.perf_counter()
     if correction_due(cfg, epoch):
@@ -164,11 +164,11 @@ def refresh_tables(cfg: Config, epoch: int, model, data: Data, plan, tables: Tab
     return out
 
 
-def fit_losses(cfg: Config, stats: RefreshStats, labels: np.ndarray, history: np.ndarray | None, seed: int,
+def fit_losses(cfg: Config, losses: np.ndarray, history: np.ndarray | None, seed: int,
                is_main: bool) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, CleanFit | None]:
-    """This rank's per-sample losses against `labels` (by id), gathered into one [N] table, averaged over
-    the `gmm_loss_window` last refreshes, and the GMM's clean probabilities: (history, losses, clean, fit)."""
-    history, losses = windowed_losses(history, gather_losses(stats, labels), cfg.gmm_loss_window)
+    """The gathered [N] losses (`gather_losses`) averaged over the `gmm_loss_window` last refreshes, and the
+    GMM's clean probabilities: (history, losses, clean, fit)."""
+    history, losses = windowed_losses(history, losses, cfg.gmm_loss_window)
     clean, fit = fit_clean(losses, seed, is_main)
     return history, losses, clean, fit
 
