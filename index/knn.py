@@ -12,6 +12,8 @@ ever held on one rank.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -118,6 +120,19 @@ class ClusteredIndex:
         return dist, pos
 
 
+@functools.lru_cache(maxsize=1)
+def gpu_resources():
+    """FAISS GPU resources for this rank's GPU, created once; None when CUDA or a GPU build of FAISS is missing.
+
+    faiss-cpu defines `faiss.knn_gpu` but not `StandardGpuResources`: a CUDA machine with the CPU wheel (what
+    `pip install` gives) searches on the CPU, as before the GPU was there."""
+    import faiss
+
+    if not (torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
+        return None
+    return faiss.StandardGpuResources()
+
+
 class ShardSearcher:
     """Searches one rank's shard. `exact` uses FAISS brute force (`faiss.knn_gpu` on this rank's own GPU
     when CUDA and faiss-gpu are present - not exercised by CI - FAISS CPU otherwise); `hnsw` and `ivf`
@@ -168,8 +183,8 @@ class ShardSearcher:
             return dist, pos
         if self.index is not None:
             d, p = self.index.search(queries, kk)
-        elif torch.cuda.is_available() and hasattr(faiss, "knn_gpu"):  # GPU branch: not exercised by CI
-            d, p = faiss.knn_gpu(faiss.StandardGpuResources(), queries, self.shard, kk, metric=self.faiss_metric,
+        elif (resources := gpu_resources()) is not None:  # GPU branch: not exercised by CI
+            d, p = faiss.knn_gpu(resources, queries, self.shard, kk, metric=self.faiss_metric,
                                  device=torch.cuda.current_device())
         else:
             d, p = faiss.knn(queries, self.shard, kk, metric=self.faiss_metric)

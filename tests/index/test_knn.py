@@ -124,3 +124,20 @@ def test_pca_projected_search_on_two_ranks(tmp_path, index):
     # too few dimensions lose neighbours, and the recall says so
     (_, t2, r2), _ = run_distributed(pca_child, 2, x, ids, 2, index, tmp_path=tmp_path)
     assert r2 < 0.9 and float((t2 == knn_exact(x, ids, 2)).mean()) < 0.9
+
+
+def test_cuda_with_the_cpu_faiss_wheel_searches_on_cpu(monkeypatch):
+    """A CUDA machine with faiss-cpu (what pip installs) must search on the CPU: faiss-cpu defines
+    `knn_gpu` but no `StandardGpuResources` (this crashed the first run on an H100)."""
+    from index import knn
+
+    knn.gpu_resources.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delattr(faiss, "StandardGpuResources", raising=False)
+    try:
+        assert knn.gpu_resources() is None
+        x = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+        dist, pos = knn.ShardSearcher(x, "l2").search(x[:5], 2)
+        assert (pos[:, 0] == np.arange(5)).all() and np.allclose(dist[:, 0], 0, atol=1e-4)
+    finally:
+        knn.gpu_resources.cache_clear()
