@@ -53,6 +53,10 @@ class Config:
     target_source: str = "prediction"  # what the EMA moves t toward: prediction (Eq. 12, p) | refined
     #                                    (w y + (1 - w) p with w = P(clean), DivideMix's label refinement)
     sharpen: float = 1.0  # temperature T applied to p before it enters the targets (1: none; DivideMix 0.5)
+    guess: str = "none"  # online: samples judged noisy (GMM; SelectMix: uncertain) train on the network's current
+    #                      prediction of their un-mixed image, sharpened by `sharpen` (DivideMix's label guessing
+    #                      with one network: one extra no-grad forward per step) | none: on their soft targets
+    prior_penalty: bool = False  # + KL(uniform || mean batch prediction) after warm-up (DivideMix's regulariser)
     clean_threshold: float = 0.5  # P(clean) above which a sample counts as clean (select, pools, metrics)
     memorisation_every: int = 5  # methods without a refresh pass: measure memorisation every N epochs (0: never)
     mixup_alpha: float = 1.0
@@ -105,6 +109,7 @@ class Config:
 
 
 METHODS = ("ce", "mixup", "mixnn", "selectmix", "select", "select-correct", "confident-learning", "dividemix")
+GUESSING = ("mixnn", "select-correct", "selectmix")  # methods with targets to guess for noisy samples
 DIVIDEMIX_ONLY = ("p_threshold", "temperature", "lambda_u", "rampup_epochs", "warmup_penalty")
 
 
@@ -214,7 +219,7 @@ def check(cfg: Config) -> Config:
         raise ConfigError(f"--cache_images must be auto, true or false, got {cfg.cache_images!r}")
     choices = {"method": METHODS, "weights": ("clean", "avg", "random", "beta"), "partners": ("knn", "random"),
                "neighbour_pool": ("all", "clean", "class"), "mix_start": ("warmup", "correction"),
-               "target_source": ("prediction", "refined"), "gmm_loss": ("given", "corrected"),
+               "target_source": ("prediction", "refined"), "guess": ("none", "online"), "gmm_loss": ("given", "corrected"),
                "selectmix_rule": ("mismatch", "cleanlab", "precursor"), "lr_schedule": ("cosine_restarts", "step")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
@@ -224,6 +229,8 @@ def check(cfg: Config) -> Config:
         for key in DIVIDEMIX_ONLY:
             if getattr(cfg, key) != getattr(defaults, key):
                 raise ConfigError(f"--{key} is a DivideMix setting; it does nothing with --method {cfg.method}")
+    if cfg.guess != "none" and cfg.method not in GUESSING:
+        raise ConfigError(f"--guess {cfg.guess} works with --method {', '.join(GUESSING)}, not {cfg.method}")
     if cfg.temperature <= 0 or not 0 <= cfg.p_threshold <= 1:
         raise ConfigError(f"--temperature must be > 0 and --p_threshold in [0, 1], got {cfg.temperature}, "
                           f"{cfg.p_threshold}")

@@ -23,7 +23,7 @@ from .config import Config
 from .dataset import Data
 from .epoch import pass_totals
 from .loop import RefreshStats, eval_batch_size, refresh, train_one_epoch
-from .methods import Tables, beta_draw, soft_cross_entropy, unwrap
+from .methods import Tables, beta_draw, prior_penalty, sharpen_rows, soft_cross_entropy, unwrap
 from .metrics import noise_detection
 from .tables import check_tables_identical, fit_losses, gather_losses, gmm_diagnostics, memorisation, refined_rows, table_metrics, \
     update_targets
@@ -31,22 +31,9 @@ from .tables import check_tables_identical, fit_losses, gather_losses, gmm_diagn
 VIEWS = 2  # every sample is read twice per step: two augmentations (the authors' inputs_x, inputs_x2)
 
 
-def sharpen_rows(p: torch.Tensor, temperature: float) -> torch.Tensor:
-    """p^(1/T) renormalised per row."""
-    powered = p.clamp_min(1e-12) ** (1.0 / temperature)
-    return powered / powered.sum(1, keepdim=True)
-
-
 def rampup(cfg: Config, progress: float) -> float:
     """lambda_u times the authors' linear ramp: 0 at the end of warm-up, full `rampup_epochs` later."""
     return cfg.lambda_u * float(np.clip((progress - cfg.warmup_epochs) / max(cfg.rampup_epochs, 1), 0.0, 1.0))
-
-
-def prior_penalty(logits: torch.Tensor) -> torch.Tensor:
-    """KL(uniform || mean prediction): the authors' regulariser against predicting one class for everything."""
-    mean = torch.softmax(logits.float(), 1).mean(0)
-    prior = torch.full_like(mean, 1.0 / len(mean))
-    return (prior * torch.log(prior / mean.clamp_min(1e-12))).sum()
 
 
 def negative_entropy(logits: torch.Tensor) -> torch.Tensor:

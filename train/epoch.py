@@ -81,8 +81,9 @@ def run_epoch(cfg: Config, epoch: int, model, optimizer, method, data: Data, tab
     batches = train_batches(cfg, epoch, plan, method, tables, rank)[start_step:]
     metrics["time_partners"] = time.perf_counter() - t0
     loader = id_loader(data.train, batches, cfg.workers, seed, first_step=start_step)
-    stats = train_one_epoch(model, optimizer, method_loss(method, tables, seed, model), loader, accelerator,
-                            data.input_shape, progress=cfg.progress and accelerator.is_local_main_process, stop=stop,
+    step_loss = method_loss(method, tables, seed, model, prior=cfg.prior_penalty and epoch >= cfg.warmup_epochs)
+    stats = train_one_epoch(model, optimizer, step_loss, loader, accelerator, data.input_shape,
+                            progress=cfg.progress and accelerator.is_local_main_process, stop=stop,
                             start_step=start_step)
     metrics.update(pass_totals(stats))
     t0 = time.perf_counter()

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from data.reader import ShardDataset, id_loader
 from index.comm import all_gather_rows
 
-from .methods import Tables, soft_cross_entropy
+from .methods import Tables, prior_penalty, soft_cross_entropy
 from .metrics import topk_correct
 from .models import embed_and_classify
 
@@ -77,15 +77,18 @@ def zero_loss_step(model, shape, accelerator) -> torch.Tensor:
     return model(torch.zeros(shape, device=accelerator.device)).sum() * 0.0
 
 
-def method_loss(method, tables: Tables, seed: int, model):
-    """The per-step loss of a mixing method: its mixed inputs and soft targets, soft CE (Eq. 7). The mixing
-    RNG is seeded per (seed, step), so a run resumed mid-epoch draws what it would have drawn."""
+def method_loss(method, tables: Tables, seed: int, model, prior: bool = False):
+    """The per-step loss of a mixing method: its mixed inputs and soft targets, soft CE (Eq. 7), plus
+    DivideMix's prior penalty when `prior`. The mixing RNG is seeded per (seed, step), so a run resumed
+    mid-epoch draws what it would have drawn."""
     def step_loss(batch: dict, step: int):
         generator = torch.Generator().manual_seed(seed * 100_003 + step)
         inputs, targets = method.inputs_targets(batch, tables, generator, model=model)
         if not len(inputs):
             return None, 0
-        return soft_cross_entropy(model(inputs), targets.to(inputs.device)), len(inputs)
+        logits = model(inputs)
+        loss = soft_cross_entropy(logits, targets.to(inputs.device))
+        return (loss + prior_penalty(logits) if prior else loss), len(inputs)
     return step_loss
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import run_distributed
 
-from index.knn import knn_exact, knn_in_batch, knn_sharded
+from index.knn import knn_exact, knn_in_batch, knn_sharded, torch_knn
 
 
 def cdist_reference(x, ids, k):
@@ -126,18 +126,39 @@ def test_pca_projected_search_on_two_ranks(tmp_path, index):
     assert r2 < 0.9 and float((t2 == knn_exact(x, ids, 2)).mean()) < 0.9
 
 
-def test_cuda_with_the_cpu_faiss_wheel_searches_on_cpu(monkeypatch):
-    """A CUDA machine with faiss-cpu (what pip installs) must search on the CPU: faiss-cpu defines
-    `knn_gpu` but no `StandardGpuResources` (this crashed the first run on an H100)."""
+def test_cuda_with_the_cpu_faiss_wheel_searches_with_torch(monkeypatch):
+    """A CUDA machine with faiss-cpu (what pip installs) defines `faiss.knn_gpu` but no `StandardGpuResources`
+    (this crashed the first run on an H100): no FAISS GPU resources, the exact search runs `torch_knn` on
+    the GPU (here redirected to the CPU), with FAISS's neighbours."""
     from index import knn
 
     knn.gpu_resources.cache_clear()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.delattr(faiss, "StandardGpuResources", raising=False)
+    devices = []
+    monkeypatch.setattr(knn, "torch_knn", lambda q, x, k, m, device: devices.append(device) or
+                        torch_knn(q, x, k, m, "cpu"))
     try:
         assert knn.gpu_resources() is None
         x = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
         dist, pos = knn.ShardSearcher(x, "l2").search(x[:5], 2)
+        assert devices and devices[0].type == "cuda"
         assert (pos[:, 0] == np.arange(5)).all() and np.allclose(dist[:, 0], 0, atol=1e-4)
     finally:
         knn.gpu_resources.cache_clear()
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_torch_exact_search_equals_faiss(metric):
+    from index.knn import ShardSearcher
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3000, 32)).astype(np.float32)
+    q = rng.normal(size=(700, 32)).astype(np.float32)
+    if metric == "cosine":
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+    want_d, want_p = faiss.knn(q, x, 5, metric=ShardSearcher(x, metric).faiss_metric)
+    got_d, got_p = torch_knn(q, x, 5, metric, "cpu", block=256)  # several query blocks
+    assert (got_p == want_p).mean() > 0.999 and np.allclose(got_d, want_d, atol=1e-3)

@@ -54,6 +54,9 @@ def test_settings_wrong_together_are_rejected():
         load_config(["--refresh_every", "0"])
     with pytest.raises(ConfigError, match="auto, true or false"):
         load_config(["--cache_images", "yes"])
+    assert load_config(["--method", "selectmix", "--guess", "online"]).guess == "online"
+    with pytest.raises(ConfigError, match="--guess online works with --method mixnn"):
+        load_config(["--method", "ce", "--guess", "online"])
 
 
 # The MixNN paper's protocol (Sec. V; CIFAR values also in the authors' released script), per shipped config.

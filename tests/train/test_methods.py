@@ -209,3 +209,63 @@ def test_gmm_loss_window_averages_the_last_refreshes():
     history, mean = windowed_losses(history, np.array([5.0, 4.0, 1.0]), 2)  # the oldest drops out
     assert np.allclose(mean, [4.0, 3.0, 1.0])
     assert windowed_losses(None, np.array([7.0]), 1) == (None, np.array([7.0]))
+
+
+class FixedNet(torch.nn.Module):
+    """logits = [image value, 0]: sample id v (an image filled with v) is predicted class 0 with p = sigmoid(v)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        v = x.flatten(1)[:, 0]
+        return torch.stack([v, torch.zeros_like(v)], 1)
+
+
+def test_guessed_targets_replace_only_the_noisy_rows_by_the_sharpened_prediction():
+    from train.methods import guessed_targets, sharpen_rows
+
+    net, images = FixedNet(), torch.tensor([0.0, 1.0, 2.0]).view(3, 1, 1, 1)
+    targets = torch.tensor([[0.0, 1.0]] * 3)
+    out = guessed_targets(net, images, targets, torch.tensor([False, True, True]), 0.5)
+    p = torch.softmax(torch.tensor([[1.0, 0.0], [2.0, 0.0]]), 1)
+    assert torch.equal(out[0], targets[0]) and torch.allclose(out[1:], sharpen_rows(p, 0.5))
+    assert torch.allclose(sharpen_rows(p, 0.5)[0], torch.tensor([1.0, math.exp(-2)]) / (1 + math.exp(-2)))
+    assert guessed_targets(net, images, targets, torch.zeros(3, dtype=torch.bool), 0.5) is targets and net.calls == 1
+
+
+def test_guess_online_in_mixnn_select_correct_and_selectmix():
+    from train.methods import SelectCorrect, SelectMix
+
+    targets = SoftTargets(np.array([1, 1, 1, 1]), 2)
+    tables = Tables(targets, clean=np.array([0.9, 0.1, 0.9, 0.9], np.float32), partners=np.array([[2], [3], [0], [0]]))
+    p1 = torch.softmax(torch.tensor([1.0, 0.0]), 0)  # the net's prediction for sample 1 (image value 1)
+    guess = p1 ** 2 / (p1 ** 2).sum()
+    # MixNN, avg weights: anchor 1 (noisy) is guessed, its clean neighbour 3 keeps its label
+    _, y = MixNN(k=1, weights="avg", guess=0.5).inputs_targets(fake_batch([1, 3]), tables, torch.Generator(), FixedNet())
+    assert torch.allclose(y[0], 0.5 * guess + 0.5 * torch.tensor([0.0, 1.0]))
+    _, y = MixNN(k=1, weights="avg").inputs_targets(fake_batch([1, 3]), tables, torch.Generator(), FixedNet())
+    assert torch.allclose(y[0], torch.tensor([0.0, 1.0]))  # without guessing: the soft targets
+    _, y = SelectCorrect(np.array([1, 1, 1, 1]), 2, guess=0.5).inputs_targets(fake_batch([0, 1]), tables,
+                                                                            torch.Generator(), FixedNet())
+    assert torch.allclose(y, torch.stack([torch.tensor([0.0, 1.0]), guess]))
+    oos = np.array([[0.9, 0.1], [0.9, 0.1], [0.05, 0.95], [0.05, 0.95]], np.float32)  # 0, 1 uncertain
+    method = SelectMix(oos, np.array([1, 1, 1, 1]), alpha=0.0, guess=0.5)
+    _, y = method.inputs_targets(fake_batch([1, 2, 2, 2]), tables, torch.Generator(), FixedNet())
+    # anchor 1 uncertain, mixed 0.5/0.5 with confident sample 2: its own half is the guess, not the fold's oos
+    assert torch.allclose(y[0], 0.5 * guess + 0.5 * torch.tensor([0.0, 1.0]))
+    assert torch.allclose(y[1], torch.tensor([0.0, 1.0]))  # a confident anchor trains on its label
+
+
+def test_prior_penalty_is_zero_for_balanced_predictions_and_added_by_method_loss():
+    from train.loop import method_loss
+    from train.methods import CrossEntropy, prior_penalty
+
+    assert float(prior_penalty(torch.tensor([[2.0, 0.0], [0.0, 2.0]]))) == pytest.approx(0.0, abs=1e-6)
+    assert float(prior_penalty(torch.tensor([[2.0, 0.0], [2.0, 0.0]]))) > 0.2
+    tables, batch = Tables(SoftTargets(np.array([0, 0]), 2)), fake_batch([0, 1])
+    plain, _ = method_loss(CrossEntropy(), tables, 0, FixedNet())(batch, 0)
+    with_prior, _ = method_loss(CrossEntropy(), tables, 0, FixedNet(), prior=True)(batch, 0)
+    assert float(with_prior - plain) == pytest.approx(float(prior_penalty(FixedNet()(batch["images"]))))

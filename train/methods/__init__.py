@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import CrossEntropy, Tables, beta_draw, clean_weights, group_rows, mix_groups, soft_cross_entropy, unwrap
+from .base import (CrossEntropy, Tables, beta_draw, clean_weights, group_rows, guessed_targets, mix_groups, prior_penalty,
+                   sharpen_rows, soft_cross_entropy, unwrap)
 from .mixnn import MixNN, MixNNInBatch
 from .mixup import Mixup
 from .select import ConfidentLearning, Select, SelectCorrect
 from .selectmix import SelectMix
 
 __all__ = ["beta_draw", "ConfidentLearning", "CrossEntropy", "Mixup", "MixNN", "MixNNInBatch", "Select", "SelectCorrect", "SelectMix", "Tables", "clean_weights", "create_method",
-           "group_rows", "mix_groups", "soft_cross_entropy", "unwrap"]
+           "group_rows", "guessed_targets", "mix_groups", "prior_penalty", "sharpen_rows", "soft_cross_entropy", "unwrap"]
 
 
 NEEDS_CROSS_VALIDATION = ("selectmix", "confident-learning")
@@ -28,17 +29,18 @@ def create_method(cfg, labels: np.ndarray | None = None, num_classes: int = 0, o
         return CrossEntropy()
     if cfg.method == "mixup":
         return Mixup(cfg.mixup_alpha)
+    guess = cfg.sharpen if getattr(cfg, "guess", "none") == "online" else None
     if cfg.method == "mixnn" and getattr(cfg, "knn_scope", "global") == "batch":
-        return MixNNInBatch(cfg.k, cfg.weights, cfg.mixup_alpha)
+        return MixNNInBatch(cfg.k, cfg.weights, cfg.mixup_alpha, guess=guess, threshold=cfg.clean_threshold)
     if cfg.method == "mixnn":
-        return MixNN(cfg.k, cfg.weights, cfg.partners, cfg.mixup_alpha)
+        return MixNN(cfg.k, cfg.weights, cfg.partners, cfg.mixup_alpha, guess=guess, threshold=cfg.clean_threshold)
     if cfg.method == "select":
         return Select(cfg.clean_threshold)
     if cfg.method == "select-correct":
-        return SelectCorrect(labels, num_classes, cfg.clean_threshold)
+        return SelectCorrect(labels, num_classes, cfg.clean_threshold, guess=guess)
     if cfg.method == "selectmix":
         return SelectMix(oos, labels, threshold=cfg.selectmix_threshold, confident=cfg.selectmix_confident,
-                         alpha=cfg.mixup_alpha, rule=cfg.selectmix_rule)
+                         alpha=cfg.mixup_alpha, rule=cfg.selectmix_rule, guess=guess)
     if cfg.method == "confident-learning":
         return ConfidentLearning(oos, labels)
     raise ValueError(f"--method {cfg.method!r}: expected one of ce, mixup, mixnn, selectmix, select, "

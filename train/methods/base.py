@@ -38,6 +38,33 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -(targets * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
 
 
+def sharpen_rows(p: torch.Tensor, temperature: float) -> torch.Tensor:
+    """p^(1/T) renormalised per row."""
+    powered = p.clamp_min(1e-12) ** (1.0 / temperature)
+    return powered / powered.sum(1, keepdim=True)
+
+
+def prior_penalty(logits: torch.Tensor) -> torch.Tensor:
+    """KL(uniform || mean prediction): DivideMix's regulariser against predicting one class for everything."""
+    mean = torch.softmax(logits.float(), 1).mean(0)
+    prior = torch.full_like(mean, 1.0 / len(mean))
+    return (prior * torch.log(prior / mean.clamp_min(1e-12))).sum()
+
+
+def guessed_targets(model, images: torch.Tensor, targets: torch.Tensor, noisy: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+    """`targets` with the rows of the `noisy` samples replaced by the network's current prediction of their
+    un-mixed images, sharpened with `temperature` (DivideMix's label guessing with one network and one view,
+    a no-grad forward in train mode). `images` [..., C, H, W], `targets` [..., C], `noisy` [...] bool."""
+    if model is None or not bool(noisy.any()):
+        return targets
+    with torch.no_grad():
+        p = torch.softmax(unwrap(model)(images[noisy.to(images.device)]).float(), 1)
+    out = targets.clone()
+    out[noisy.to(out.device)] = sharpen_rows(p, temperature).to(out.device, out.dtype)
+    return out
+
+
 def mix_groups(images: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor):
     """Eq. 4/5: x~ = sum_j w_j x_j, y~ = sum_j w_j t_j over groups [b, 1+K, ...] with weights [b, 1+K]."""
     shape = (*weights.shape, *([1] * (images.dim() - 2)))

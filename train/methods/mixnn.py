@@ -6,7 +6,7 @@ import torch
 
 from index.knn import knn_in_batch
 
-from .base import CrossEntropy, Tables, beta_draw, clean_weights, group_rows, mix_groups, unwrap
+from .base import CrossEntropy, Tables, beta_draw, clean_weights, group_rows, guessed_targets, mix_groups, unwrap
 
 
 def beta_weights(n: int, groups: int, alpha: float, generator: torch.Generator) -> torch.Tensor:
@@ -27,11 +27,22 @@ class MixNN(CrossEntropy):
 
     name, uses_tables = "mixnn", True
 
-    def __init__(self, k: int = 1, weights: str = "clean", partners: str = "knn", alpha: float = 1.0):
+    def __init__(self, k: int = 1, weights: str = "clean", partners: str = "knn", alpha: float = 1.0,
+                 guess: float | None = None, threshold: float = 0.5):
         if weights not in ("clean", "avg", "random", "beta") or partners not in ("knn", "random"):
             raise ValueError(f"MixNN: weights must be clean|avg|random|beta and partners knn|random, "
                              f"got {weights}, {partners}")
         self.num_partners, self.weights, self.partners, self.alpha = k, weights, partners, alpha
+        self.guess, self.threshold = guess, threshold  # guess: temperature of the online targets (None: off)
+
+    def group_targets(self, images: torch.Tensor, ids: torch.Tensor, tables: Tables, model) -> torch.Tensor:
+        """[b, 1+K, C] targets of the group members: their soft targets; with `guess`, the members the GMM
+        judges noisy take the network's current sharpened prediction instead (`guessed_targets`)."""
+        targets = tables.targets.rows(ids.flatten()).view(*ids.shape, -1)
+        if self.guess is None or tables.clean is None:
+            return targets
+        noisy = torch.from_numpy(tables.clean[ids.numpy()] <= self.threshold)
+        return guessed_targets(model, images, targets, noisy, self.guess)
 
     def partner_ids(self, anchors, tables, epoch_ids, rng):
         if self.partners == "random" or tables.partners is None:
@@ -52,7 +63,7 @@ class MixNN(CrossEntropy):
     def inputs_targets(self, batch, tables, generator, model=None):
         images, ids, valid = group_rows(batch, self.num_partners)
         images, ids = images[valid], ids[valid].cpu()
-        targets = tables.targets.rows(ids.flatten()).view(*ids.shape, -1)
+        targets = self.group_targets(images, ids, tables, model)
         weights = self.group_weights(ids, tables, generator).to(images.device)
         return mix_groups(images, targets.to(images.device), weights)
 
@@ -63,8 +74,9 @@ class MixNNInBatch(MixNN):
 
     name = "mixnn"
 
-    def __init__(self, k: int = 1, weights: str = "clean", alpha: float = 1.0):
-        super().__init__(k, weights, "knn", alpha)
+    def __init__(self, k: int = 1, weights: str = "clean", alpha: float = 1.0, guess: float | None = None,
+                 threshold: float = 0.5):
+        super().__init__(k, weights, "knn", alpha, guess, threshold)
         self.k, self.num_partners = k, 0  # partners come from the batch itself, none are read by id
 
     def inputs_targets(self, batch, tables, generator, model=None):
@@ -79,7 +91,7 @@ class MixNNInBatch(MixNN):
         model.train(was_training)
         near = knn_in_batch(features, self.k).cpu()  # [b, k] positions
         groups = torch.cat([torch.arange(len(ids))[:, None], near], 1)  # [b, 1+k]
-        group_ids = ids[groups]
-        targets = tables.targets.rows(group_ids.flatten()).view(*group_ids.shape, -1)
+        group_ids, group_images = ids[groups], images[groups.to(images.device)]
+        targets = self.group_targets(group_images, group_ids, tables, model)
         weights = self.group_weights(group_ids, tables, generator).to(images.device)
-        return mix_groups(images[groups.to(images.device)], targets.to(images.device), weights)
+        return mix_groups(group_images, targets.to(images.device), weights)

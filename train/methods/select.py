@@ -3,7 +3,8 @@
 - `select`: after warm-up, cross-entropy only on the samples the GMM judges clean (P(clean) above the
   threshold), refreshed every epoch.
 - `select-correct`: every sample; the clean ones on their given label, the others on their corrected
-  soft target (the run's `target_source`/`ema` correction).
+  soft target (the run's `target_source`/`ema` correction), or with `guess: online` on the network's current
+  sharpened prediction.
 - `confident-learning`: cleanlab's `find_label_issues` on K-fold out-of-sample probabilities (the same
   cross-validation stage as SelectMix), then cross-entropy on the samples it keeps, for the whole run.
 """
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import CrossEntropy, Tables, group_rows
+from .base import CrossEntropy, Tables, group_rows, guessed_targets
 
 
 class Select(CrossEntropy):
@@ -35,18 +36,20 @@ class SelectCorrect(CrossEntropy):
 
     name, uses_tables = "select-correct", True
 
-    def __init__(self, labels: np.ndarray, num_classes: int, threshold: float = 0.5):
-        self.labels, self.num_classes, self.threshold = labels, num_classes, threshold
+    def __init__(self, labels: np.ndarray, num_classes: int, threshold: float = 0.5, guess: float | None = None):
+        self.labels, self.num_classes, self.threshold, self.guess = labels, num_classes, threshold, guess
 
     def inputs_targets(self, batch, tables: Tables, generator, model=None):
         images, ids, valid = group_rows(batch, 0)
-        ids = ids[valid, 0].cpu()
+        images, ids = images[valid, 0], ids[valid, 0].cpu()
         soft = tables.targets.rows(ids)
         if tables.clean is not None:
             given = F.one_hot(torch.from_numpy(self.labels[ids.numpy()]), self.num_classes).float()
-            clean = torch.from_numpy(tables.clean[ids.numpy()] > self.threshold)[:, None]
-            soft = torch.where(clean, given, soft)
-        return images[valid, 0], soft.to(images.device)
+            clean = torch.from_numpy(tables.clean[ids.numpy()] > self.threshold)
+            if self.guess is not None:  # the others on the network's current sharpened prediction
+                soft = guessed_targets(model, images, soft, ~clean, self.guess)
+            soft = torch.where(clean[:, None], given, soft)
+        return images, soft.to(images.device)
 
 
 class ConfidentLearning(CrossEntropy):

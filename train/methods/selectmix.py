@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import CrossEntropy, Tables, group_rows
+from .base import CrossEntropy, Tables, group_rows, guessed_targets
 
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -59,12 +59,12 @@ class SelectMix(CrossEntropy):
     name, num_partners = "selectmix", 1
 
     def __init__(self, oos: np.ndarray, labels: np.ndarray, *, threshold: float = 0.5, confident: float = 0.8,
-                 alpha: float = 1.0, rule: str = "mismatch"):
+                 alpha: float = 1.0, rule: str = "mismatch", guess: float | None = None):
         self.oos = oos.astype(np.float32)  # [N, C] out-of-sample softmax
         self.labels = labels
         self.uncertain, self.confident = split_uncertain(oos, labels, threshold=threshold, confident=confident,
                                                          rule=rule)
-        self.alpha, self.precursor = alpha, rule == "precursor"
+        self.alpha, self.precursor, self.guess = alpha, rule == "precursor", guess
         pred = oos.argmax(1)
         agree = (pred == labels) & ~self.uncertain
         if self.precursor:  # any sample labelled with the predicted class
@@ -105,6 +105,8 @@ class SelectMix(CrossEntropy):
         own = tables.targets.rows(anchors)
         if not self.precursor:
             own = torch.where(uncertain[:, None], torch.from_numpy(self.oos[anchors.numpy()]), own)
+            if self.guess is not None:  # the network's current sharpened prediction instead of the fold model's
+                own = guessed_targets(model, images[:, 0], own, uncertain, self.guess)
         partner = torch.nn.functional.one_hot(torch.from_numpy(self.labels[partners.numpy()]), num_classes).float()
         targets = lam[:, None] * own + (1 - lam[:, None]) * partner
         lam_x = lam.to(images.device).view(-1, *([1] * (images.dim() - 2)))
