@@ -269,3 +269,16 @@ def test_prior_penalty_is_zero_for_balanced_predictions_and_added_by_method_loss
     plain, _ = method_loss(CrossEntropy(), tables, 0, FixedNet())(batch, 0)
     with_prior, _ = method_loss(CrossEntropy(), tables, 0, FixedNet(), prior=True)(batch, 0)
     assert float(with_prior - plain) == pytest.approx(float(prior_penalty(FixedNet()(batch["images"]))))
+
+
+def test_guessing_one_noisy_sample_through_batchnorm():
+    """A batch with a single noisy sample (select-correct at symmetric 80% crashed on it): the guess forward
+    runs over the whole batch, so BatchNorm in train mode never sees a batch of one."""
+    from train.methods import guessed_targets
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).train()
+    images, targets = torch.randn(4, 1, 2, 2), torch.full((4, 3), 1 / 3)
+    noisy = torch.tensor([False, False, True, False])
+    out = guessed_targets(net, images, targets, noisy, 0.5)
+    assert torch.equal(out[~noisy], targets[~noisy]) and torch.allclose(out[2].sum(), torch.tensor(1.0))
+    assert not torch.allclose(out[2], targets[2])

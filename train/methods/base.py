@@ -54,12 +54,15 @@ def prior_penalty(logits: torch.Tensor) -> torch.Tensor:
 def guessed_targets(model, images: torch.Tensor, targets: torch.Tensor, noisy: torch.Tensor,
                     temperature: float) -> torch.Tensor:
     """`targets` with the rows of the `noisy` samples replaced by the network's current prediction of their
-    un-mixed images, sharpened with `temperature` (DivideMix's label guessing with one network and one view,
-    a no-grad forward in train mode). `images` [..., C, H, W], `targets` [..., C], `noisy` [...] bool."""
+    un-mixed images, sharpened with `temperature` (DivideMix's label guessing with one network and one view).
+    One no-grad forward in train mode over all of `images`, so BatchNorm sees the whole batch (a single noisy
+    sample alone would be a batch of one); the noisy rows are kept. `images` [..., C, H, W], `targets`
+    [..., C], `noisy` [...] bool."""
     if model is None or not bool(noisy.any()):
         return targets
     with torch.no_grad():
-        p = torch.softmax(unwrap(model)(images[noisy.to(images.device)]).float(), 1)
+        flat = images.flatten(0, noisy.dim() - 1)
+        p = torch.softmax(unwrap(model)(flat).float(), 1)[noisy.flatten().to(flat.device)]
     out = targets.clone()
     out[noisy.to(out.device)] = sharpen_rows(p, temperature).to(out.device, out.dtype)
     return out
