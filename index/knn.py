@@ -1,9 +1,10 @@
 """Nearest neighbours in embedding space, exact, with the database sharded across ranks.
 
 Each rank keeps only its own slice of embeddings. The ranks take turns as the query source: the
-source broadcasts a block of its queries, every rank searches its shard (FAISS: `faiss.knn_gpu` on the
-rank's own GPU when present, FAISS CPU otherwise), and the per-shard top-K candidates (distance, id)
-are all-gathered and merged. Self matches are excluded by sample id; ties break by (distance, id).
+source broadcasts a block of its queries, every rank searches its shard (`faiss.knn_gpu` on the rank's
+own GPU with faiss-gpu, PyTorch matrix products on it with faiss-cpu, FAISS CPU without a GPU), and the
+per-shard top-K candidates (distance, id) are all-gathered and merged. Self matches are excluded by
+sample id; ties break by (distance, id).
 
 Peak memory per rank: its shard (n_local x d float32, plus the HNSW graph ~ n_local x 2M x 4 bytes or
 the IVF lists ~ n_local x d x 4 bytes in approximate mode) + one query block (block x d) + one
@@ -125,7 +126,7 @@ def gpu_resources():
     """FAISS GPU resources for this rank's GPU, created once; None when CUDA or a GPU build of FAISS is missing.
 
     faiss-cpu defines `faiss.knn_gpu` but not `StandardGpuResources`: a CUDA machine with the CPU wheel (what
-    `pip install` gives) searches on the CPU, as before the GPU was there."""
+    `pip install` gives) searches with `torch_knn` instead."""
     import faiss
 
     if not (torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
