@@ -158,10 +158,10 @@ def torch_knn(queries: np.ndarray, shard: np.ndarray, k: int, metric: str, devic
 
 
 class ShardSearcher:
-    """Searches one rank's shard. `exact` uses FAISS brute force: `faiss.knn_gpu` on this rank's own GPU
-    when CUDA and faiss-gpu are present, `torch_knn` on it when CUDA is there but FAISS is the CPU build (both
-    not exercised by CI), FAISS CPU otherwise; `hnsw` and `ivf`
-    build an approximate FAISS index over the shard once and answer every query block from it;
+    """Searches one rank's shard. `exact` is brute force: `faiss.knn_gpu` on this rank's own GPU when CUDA
+    and faiss-gpu are present, `torch_knn` on it when CUDA is there but FAISS is the CPU build (both not
+    exercised by CI), FAISS CPU otherwise; `hnsw` and `ivf` build an approximate FAISS index over the shard
+    once and answer every query block from it;
     `clustered` is `ClusteredIndex` (k-means lists searched as dense GEMM blocks).
 
     Distances: squared L2, or 1 - cosine similarity; smaller is nearer in both.

@@ -220,7 +220,8 @@ def check(cfg: Config) -> Config:
     choices = {"method": METHODS, "weights": ("clean", "avg", "random", "beta"), "partners": ("knn", "random"),
                "neighbour_pool": ("all", "clean", "class"), "mix_start": ("warmup", "correction"),
                "target_source": ("prediction", "refined"), "guess": ("none", "online"),
-               "gmm_loss": ("given", "corrected"), "selectmix_rule": ("mismatch", "cleanlab", "precursor"), "lr_schedule": ("cosine_restarts", "step")}
+               "gmm_loss": ("given", "corrected"), "selectmix_rule": ("mismatch", "cleanlab", "precursor"),
+               "lr_schedule": ("cosine_restarts", "step")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")

@@ -16,7 +16,7 @@ from index.knn import knn_sharded, knn_with_recall, search_space
 from .config import Config
 from .dataset import Data
 from .loop import RefreshStats, eval_batch_size, refresh
-from .methods import Tables
+from .methods import Tables, sharpen_rows
 from .metrics import label_correction_accuracy, neighbour_agreement, noise_detection
 
 
@@ -86,14 +86,6 @@ def neighbour_table(stats: RefreshStats, num_samples: int, cfg, pool: np.ndarray
     return table, None
 
 
-def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """p^(1/T) renormalised per row (T = 1: unchanged)."""
-    if temperature == 1.0:
-        return probs
-    powered = np.power(np.clip(probs, 1e-12, None), 1.0 / temperature)
-    return powered / powered.sum(1, keepdims=True)
-
-
 def refined_rows(probs: np.ndarray, ids: np.ndarray, labels: np.ndarray, clean: np.ndarray) -> np.ndarray:
     """DivideMix's label refinement w y + (1 - w) p of the rows of `ids`, w = P(clean), y the given label."""
     w = clean[ids][:, None]
@@ -104,7 +96,7 @@ def refined_rows(probs: np.ndarray, ids: np.ndarray, labels: np.ndarray, clean: 
 def target_rows(cfg: Config, stats: RefreshStats, labels: np.ndarray, clean: np.ndarray) -> np.ndarray:
     """What the EMA moves this rank's targets toward: the (sharpened) prediction p (Eq. 12), or with
     `target_source: refined` DivideMix's refinement w y + (1 - w) p, w = P(clean)."""
-    p = sharpen(stats.probs, cfg.sharpen)
+    p = stats.probs if cfg.sharpen == 1.0 else sharpen_rows(torch.from_numpy(stats.probs), cfg.sharpen).numpy()
     return p if cfg.target_source == "prediction" else refined_rows(p, stats.ids, labels, clean)
 
 

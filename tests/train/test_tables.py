@@ -1,12 +1,13 @@
 """The per-sample tables: refined targets, neighbour pools, and the diagnostics of kNN vs random partners."""
 import numpy as np
 import pytest
+import torch
 from types import SimpleNamespace
 
 from train.config import Config
 from train.loop import RefreshStats
-from train.methods import Tables
-from train.tables import memorisation, neighbour_diagnostics, neighbour_pool, neighbour_table, sharpen, target_rows
+from train.methods import Tables, sharpen_rows
+from train.tables import memorisation, neighbour_diagnostics, neighbour_pool, neighbour_table, target_rows
 from train.targets import SoftTargets
 
 
@@ -16,8 +17,9 @@ def test_refined_targets_follow_the_clean_probability():
     cfg = Config(target_source="refined", sharpen=1.0)
     assert np.allclose(target_rows(cfg, stats, labels, clean), [[1.0, 0.0], [0.25 + 0.75 * 0.6, 0.75 * 0.4]])
     assert np.allclose(target_rows(Config(), stats, labels, clean), stats.probs)  # Eq. 12's p
-    sharp = sharpen(np.array([[0.6, 0.4]]), 0.5)
+    sharp = sharpen_rows(torch.tensor([[0.6, 0.4]]), 0.5)
     assert np.allclose(sharp, [[0.36 / 0.52, 0.16 / 0.52]])
+    assert np.allclose(target_rows(Config(sharpen=0.5), stats, labels, clean)[1], sharp[0])  # the same sharpening
 
 
 def test_neighbour_pools_limit_where_neighbours_come_from():
