@@ -29,6 +29,6 @@ setup(
         "matplotlib",  # figures in TensorBoard and the label report
     ],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "pytest-timeout"],
     },
 )

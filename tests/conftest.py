@@ -149,7 +149,11 @@ def digits_shards(tmp_path_factory) -> Path:
 
 
 def _distributed_child(rank, world_size, store_path, fn, args, queue):
+    import faulthandler
+
     import torch.distributed as dist
+
+    faulthandler.enable()  # a rank that crashes in native code (FAISS, BLAS) prints where, to the test's output
 
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
     try:
@@ -161,23 +165,56 @@ def _distributed_child(rank, world_size, store_path, fn, args, queue):
         dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size, *args, tmp_path):
+def run_distributed(fn, world_size, *args, tmp_path, timeout=300):
     """Run `fn(rank, *args)` on `world_size` spawned CPU ranks over gloo; the results in rank order.
 
-    Spawned, not forked: a child forked after FAISS/OpenMP started its thread pool deadlocks.
+    Spawned, not forked: a child forked after FAISS/OpenMP started its thread pool deadlocks. Every call
+    rendezvous through a brand-new store file (torch: a file reused from an earlier group "can often cause
+    deadlocks"; a test that called this twice with one file hung CI for an hour). A rank that dies without
+    reporting, or a group that outlives `timeout` seconds, fails the test instead of hanging it.
     """
     import multiprocessing as mp
+    import queue as queue_mod
+    import time
+    import uuid
 
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    store = tmp_path / f"store-{fn.__name__}"
-    procs = [ctx.Process(target=_distributed_child, args=(r, world_size, store, fn, args, queue))
+    results_queue = ctx.Queue()
+    store = tmp_path / f"store-{fn.__name__}-{uuid.uuid4().hex}"
+    procs = [ctx.Process(target=_distributed_child, args=(r, world_size, store, fn, args, results_queue))
              for r in range(world_size)]
     for p in procs:
         p.start()
-    results = dict(queue.get() for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results, deadline = {}, time.monotonic() + timeout
+    try:
+        while len(results) < world_size:
+            try:
+                rank, value = results_queue.get(timeout=1.0)
+                results[rank] = value
+                continue
+            except queue_mod.Empty:
+                pass
+            dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode is not None]
+            if dead:  # a last look: the rank may have reported just before it exited
+                try:
+                    while True:
+                        rank, value = results_queue.get(timeout=1.0)
+                        results[rank] = value
+                except queue_mod.Empty:
+                    pass
+                dead = [r for r in dead if r not in results]
+                if dead:
+                    raise RuntimeError(f"rank(s) {dead} exited (codes {[procs[r].exitcode for r in dead]}) "
+                                       f"without a result")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{fn.__name__} on {world_size} ranks: no result from ranks "
+                                   f"{sorted(set(range(world_size)) - set(results))} after {timeout} s")
+    finally:
+        for p in procs:
+            p.join(timeout=60 if len(results) == world_size else 1)
+            if p.is_alive():
+                p.kill()
+                p.join()
     for r, value in results.items():
         if isinstance(value, BaseException):
             raise RuntimeError(f"rank {r} failed") from value
