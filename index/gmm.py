@@ -23,6 +23,7 @@ class CleanFit:
     weights: tuple[float, float]
     stds: tuple[float, float] = (0.0, 0.0)
     normalised: np.ndarray | None = None  # [n] the min-max normalised losses the mixture was fit on
+    scale: str = "linear"  # linear: losses; log: log-losses (both min-max normalised)
 
 
 def normalise_losses(losses: np.ndarray) -> np.ndarray:
@@ -32,18 +33,54 @@ def normalise_losses(losses: np.ndarray) -> np.ndarray:
     return (losses - lo) / (hi - lo) if hi > lo else np.zeros_like(losses)
 
 
+def scaled_losses(losses: np.ndarray, scale: str = "linear") -> np.ndarray:
+    """The values the mixture is fit on: min-max normalised losses, or log-losses (log(loss + 1e-4), which
+    turns the long right tail of cross-entropy into a roughly Gaussian bump) min-max normalised."""
+    losses = np.asarray(losses, dtype=np.float64)
+    return normalise_losses(np.log(np.maximum(losses, 0) + 1e-4) if scale == "log" else losses)
+
+
 def clean_probability(losses: np.ndarray, *, max_iter: int = 10, tol: float = 1e-2, reg_covar: float = 5e-4,
-                      seed: int = 0) -> CleanFit:
-    """Fit the mixture on min-max normalised losses; the component with the smaller mean is clean."""
-    x = normalise_losses(losses).reshape(-1, 1)
+                      seed: int = 0, scale: str = "linear") -> CleanFit:
+    """Fit the mixture on min-max normalised (log-)losses; the component with the smaller mean is clean."""
+    x = scaled_losses(losses, scale)
+    prob, means, weights, stds = fit_mixture(x, max_iter, tol, reg_covar, seed)
+    return CleanFit(prob, means, weights, stds, x.astype(np.float32), scale)
+
+
+def fit_mixture(x: np.ndarray, max_iter: int, tol: float, reg_covar: float,
+                seed: int) -> tuple[np.ndarray, tuple, tuple, tuple]:
+    """2-component 1-d GMM on `x`: (P(clean) [n], means, weights, stds), clean (smaller mean) first."""
     gmm = GaussianMixture(n_components=2, max_iter=max_iter, tol=tol, reg_covar=reg_covar, random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # max_iter=10 is the recipe, not a failure
-        gmm.fit(x)
+        gmm.fit(x.reshape(-1, 1))
     clean = int(gmm.means_.argmin())  # scikit-learn orders components arbitrarily
-    noisy = 1 - clean
-    prob = gmm.predict_proba(x)[:, clean].astype(np.float32)
+    order = [clean, 1 - clean]
+    prob = gmm.predict_proba(x.reshape(-1, 1))[:, clean].astype(np.float32)
     stds = np.sqrt(gmm.covariances_.reshape(2))
-    return CleanFit(prob, (float(gmm.means_[clean, 0]), float(gmm.means_[noisy, 0])),
-                    (float(gmm.weights_[clean]), float(gmm.weights_[noisy])), (float(stds[clean]), float(stds[noisy])),
-                    x[:, 0].astype(np.float32))
+    return (prob, tuple(float(gmm.means_[i, 0]) for i in order), tuple(float(gmm.weights_[i]) for i in order),
+            tuple(float(stds[i]) for i in order))
+
+
+def clean_probability_by_class(losses: np.ndarray, labels: np.ndarray, *, scale: str = "log", min_samples: int = 20,
+                               max_iter: int = 10, tol: float = 1e-2, reg_covar: float = 5e-4,
+                               seed: int = 0) -> CleanFit:
+    """One mixture per label (the label each loss was computed against) on the (log-)losses scaled over the
+    whole set: a class the network finds hard no longer counts as noisy as a whole, and the split adapts to
+    each class's own noise rate. Classes with fewer than `min_samples` samples take the mixture fit on all.
+    The means, stds and weights reported are the moments of the samples weighted by P(clean) and 1 - P(clean)
+    (a summary; there is one mixture per class)."""
+    x = scaled_losses(losses, scale)
+    labels = np.asarray(labels)
+    prob = fit_mixture(x, max_iter, tol, reg_covar, seed)[0]
+    for c in np.unique(labels):
+        rows = labels == c
+        if rows.sum() >= min_samples:
+            prob[rows] = fit_mixture(x[rows], max_iter, tol, reg_covar, seed)[0]
+    w = np.stack([prob, 1 - prob]).astype(np.float64)
+    mass = np.maximum(w.sum(1), 1e-12)
+    means = (w @ x) / mass
+    stds = np.sqrt(np.maximum((w @ x**2) / mass - means**2, 0))
+    return CleanFit(prob, (float(means[0]), float(means[1])), (float(mass[0] / len(x)), float(mass[1] / len(x))),
+                    (float(stds[0]), float(stds[1])), x.astype(np.float32), scale)

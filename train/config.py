@@ -44,6 +44,9 @@ class Config:
     gmm_loss: str = "given"  # loss the GMM sees: against the given label or the corrected argmax(t)
     refresh_every: int = 1  # refresh tables every R epochs after warm-up (1: every epoch, the paper; needs num_batches 0)
     gmm_loss_window: int = 5  # fit the GMM on each sample's loss averaged over the last W refreshes
+    gmm_split: str = "global"  # global: one mixture over all samples (DivideMix, MixNN) | class: one per label
+    #                            (the label the loss is against), so each class gets its own split point
+    gmm_scale: str = "linear"  # the mixture is fit on min-max normalised losses (linear) or log-losses (log)
     weights: str = "clean"  # clean (Eq. 10/11) | avg | random | beta (anchor lam ~ Beta, max(lam, 1 - lam))
     partners: str = "knn"  # knn | random
     neighbour_pool: str = "all"  # where neighbours are searched: all | clean (P(clean) > clean_threshold) | class
@@ -220,7 +223,8 @@ def check(cfg: Config) -> Config:
     choices = {"method": METHODS, "weights": ("clean", "avg", "random", "beta"), "partners": ("knn", "random"),
                "neighbour_pool": ("all", "clean", "class"), "mix_start": ("warmup", "correction"),
                "target_source": ("prediction", "refined"), "guess": ("none", "online"),
-               "gmm_loss": ("given", "corrected"), "selectmix_rule": ("mismatch", "cleanlab", "precursor"),
+               "gmm_loss": ("given", "corrected"), "gmm_split": ("global", "class"),
+               "gmm_scale": ("linear", "log"), "selectmix_rule": ("mismatch", "cleanlab", "precursor"),
                "lr_schedule": ("cosine_restarts", "step")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:

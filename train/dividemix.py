@@ -57,7 +57,7 @@ def refresh_division(cfg: Config, epoch: int, model, data: Data, plan: EpochPlan
     t1 = time.perf_counter()
     history = tables.loss_history if tables.loss_history is not None else [None, None]
     fits = [fit_losses(cfg, gather_losses(s, data.train.labels), history[j], cfg.seed + epoch + 7919 * j,
-                       accelerator.is_main_process) for j, s in enumerate(stats)]  # (history, losses, clean, fit) per network
+                       accelerator.is_main_process, data.train.labels) for j, s in enumerate(stats)]  # (history, losses, clean, fit) per network
     tables.loss_history = None if fits[0][0] is None else np.stack([f[0] for f in fits])
     per_net = np.stack([f[2] for f in fits], 1)
     tables.clean_per_net, tables.clean = per_net, per_net.mean(1)

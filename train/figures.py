@@ -30,7 +30,7 @@ def gmm_figure(fit: CleanFit, truly_noisy: np.ndarray | None = None, epoch: int 
         std = max(std, 1e-3)
         pdf = weight * np.exp(-0.5 * ((grid - mean) / std) ** 2) / (std * np.sqrt(2 * np.pi))
         ax.plot(grid, pdf * scale, color=colour, lw=2, label=f"GMM {name}: mean {mean:.2f}, weight {weight:.2f}")
-    ax.set_xlabel("per-sample loss vs given label (min-max normalised)")
+    ax.set_xlabel(f"per-sample {'log-' if fit.scale == 'log' else ''}loss vs given label (min-max normalised)")
     ax.set_ylabel("samples")
     ax.set_title("loss distribution and the fitted mixture" + (f" (epoch {epoch})" if epoch is not None else ""))
     ax.legend(fontsize=7)

@@ -10,7 +10,7 @@ import torch
 
 from data.reader import ShardDataset
 from index.comm import all_gather_rows, broadcast_array, gather_by_id
-from index.gmm import CleanFit, clean_probability
+from index.gmm import CleanFit, clean_probability, clean_probability_by_class
 from index.knn import knn_sharded, knn_with_recall, search_space
 
 from .config import Config
@@ -40,13 +40,16 @@ def windowed_losses(history: np.ndarray | None, losses: np.ndarray, window: int)
     return history, mean.astype(np.float32)
 
 
-def fit_clean(losses: np.ndarray, seed: int, is_main: bool) -> tuple[np.ndarray, CleanFit | None]:
-    """GMM on rank 0, clean probabilities broadcast (NaN losses: never refreshed -> probability 0)."""
+def fit_clean(losses: np.ndarray, seed: int, is_main: bool, labels: np.ndarray | None = None,
+              scale: str = "linear") -> tuple[np.ndarray, CleanFit | None]:
+    """GMM on rank 0, clean probabilities broadcast (NaN losses: never refreshed -> probability 0). With
+    `labels` [N] (those the losses were computed against), one mixture per label."""
     fit = None
     prob = None
     if is_main:
         seen = ~np.isnan(losses)
-        fit = clean_probability(losses[seen], seed=seed)
+        fit = (clean_probability(losses[seen], seed=seed, scale=scale) if labels is None else
+               clean_probability_by_class(losses[seen], labels[seen], seed=seed, scale=scale))
         prob = np.zeros(len(losses), np.float32)
         prob[seen] = fit.prob
     return broadcast_array(prob, src=0), fit
@@ -131,7 +134,7 @@ def refresh_tables(cfg: Config, epoch: int, model, data: Data, plan, tables: Tab
     losses = gather_losses(stats, labels)
     t_gathered = time.perf_counter()
     tables.loss_history, losses, clean, fit = fit_losses(cfg, losses, tables.loss_history, cfg.seed + epoch,
-                                                         accelerator.is_main_process)
+                                                         accelerator.is_main_process, labels)
     tables.clean = clean
     t2 = time.perf_counter()
     if correction_due(cfg, epoch):
@@ -156,12 +159,12 @@ def refresh_tables(cfg: Config, epoch: int, model, data: Data, plan, tables: Tab
     return out
 
 
-def fit_losses(cfg: Config, losses: np.ndarray, history: np.ndarray | None, seed: int,
-               is_main: bool) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, CleanFit | None]:
-    """The gathered [N] losses (`gather_losses`) averaged over the `gmm_loss_window` last refreshes, and the
-    GMM's clean probabilities: (history, losses, clean, fit)."""
+def fit_losses(cfg: Config, losses: np.ndarray, history: np.ndarray | None, seed: int, is_main: bool,
+               labels: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, CleanFit | None]:
+    """The gathered [N] losses (`gather_losses`, against `labels`) averaged over the `gmm_loss_window` last
+    refreshes, and the GMM's clean probabilities (`gmm_split`, `gmm_scale`): (history, losses, clean, fit)."""
     history, losses = windowed_losses(history, losses, cfg.gmm_loss_window)
-    clean, fit = fit_clean(losses, seed, is_main)
+    clean, fit = fit_clean(losses, seed, is_main, labels if cfg.gmm_split == "class" else None, cfg.gmm_scale)
     return history, losses, clean, fit
 
 

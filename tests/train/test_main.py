@@ -122,10 +122,12 @@ def test_standalone_evaluate_matches_the_run(full_run, digits_shards, tmp_path):
 def test_refresh_every_two_epochs_keeps_the_tables_between_refreshes(tmp_path, digits_shards):
     launch(tmp_path, "--data", digits_shards, "--run_name", "r2", "--epochs", "5", "--warmup_epochs", "1",
            "--correction_epoch", "1", "--refresh_every", "2", "--eval_every", "5", "--progress", "false",
-           "--channels_last", "true", processes=1)  # channels_last: NHWC weights through train, refresh, eval
+           "--channels_last", "true", "--gmm_split", "class", "--gmm_scale", "log",
+           processes=1)  # channels_last: NHWC weights through train, refresh, eval; per-class log-loss GMM
     rows = list(csv.DictReader((tmp_path / "runs" / "r2" / "summary.csv").open()))
     refreshed = [int(r["epoch"]) for r in rows if r.get("time_refresh")]
     assert refreshed == [1, 3]
+    assert all(0 < float(rows[e]["clean_fraction"]) < 1 and float(rows[e]["noise_auc"]) > 0.6 for e in refreshed)
     assert all(float(r["train_images"]) > 0 for r in rows)
 
 
