@@ -73,11 +73,14 @@ def clean_probability_by_class(losses: np.ndarray, labels: np.ndarray, *, scale:
     (a summary; there is one mixture per class)."""
     x = scaled_losses(losses, scale)
     labels = np.asarray(labels)
-    prob = fit_mixture(x, max_iter, tol, reg_covar, seed)[0]
-    for c in np.unique(labels):
+    classes, counts = np.unique(labels, return_counts=True)
+    prob = np.empty(len(x), np.float32)
+    if (counts < min_samples).any():  # the mixture over all samples, only where a class needs it
+        small = np.isin(labels, classes[counts < min_samples])
+        prob[small] = fit_mixture(x, max_iter, tol, reg_covar, seed)[0][small]
+    for c in classes[counts >= min_samples]:
         rows = labels == c
-        if rows.sum() >= min_samples:
-            prob[rows] = fit_mixture(x[rows], max_iter, tol, reg_covar, seed)[0]
+        prob[rows] = fit_mixture(x[rows], max_iter, tol, reg_covar, seed)[0]
     w = np.stack([prob, 1 - prob]).astype(np.float64)
     mass = np.maximum(w.sum(1), 1e-12)
     means = (w @ x) / mass

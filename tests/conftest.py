@@ -185,7 +185,7 @@ def run_distributed(fn, world_size, *args, tmp_path, timeout=300):
              for r in range(world_size)]
     for p in procs:
         p.start()
-    results, deadline = {}, time.monotonic() + timeout
+    results, deadline, dead_before = {}, time.monotonic() + timeout, set()
     try:
         while len(results) < world_size:
             try:
@@ -194,18 +194,11 @@ def run_distributed(fn, world_size, *args, tmp_path, timeout=300):
                 continue
             except queue_mod.Empty:
                 pass
-            dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode is not None]
-            if dead:  # a last look: the rank may have reported just before it exited
-                try:
-                    while True:
-                        rank, value = results_queue.get(timeout=1.0)
-                        results[rank] = value
-                except queue_mod.Empty:
-                    pass
-                dead = [r for r in dead if r not in results]
-                if dead:
-                    raise RuntimeError(f"rank(s) {dead} exited (codes {[procs[r].exitcode for r in dead]}) "
-                                       f"without a result")
+            dead = {r for r, p in enumerate(procs) if r not in results and p.exitcode is not None}
+            if lost := sorted(dead & dead_before):  # exited and silent for a whole second since: no result coming
+                raise RuntimeError(f"rank(s) {lost} exited (codes {[procs[r].exitcode for r in lost]}) "
+                                   f"without a result")
+            dead_before = dead
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{fn.__name__} on {world_size} ranks: no result from ranks "
                                    f"{sorted(set(range(world_size)) - set(results))} after {timeout} s")
