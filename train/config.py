@@ -59,6 +59,8 @@ class Config:
     guess: str = "none"  # online: samples judged noisy (GMM; SelectMix: uncertain) train on the network's current
     #                      prediction of their un-mixed image, sharpened by `sharpen` (DivideMix's label guessing
     #                      with one network: one extra no-grad forward per step) | none: on their soft targets
+    select_mixup: bool = False  # select-correct: mix each batch in-batch (lambda ~ Beta(mixup_alpha)) after the
+    #                             split, clean rows on their given and noisy rows on their corrected targets
     prior_penalty: bool = False  # + KL(uniform || mean batch prediction) after warm-up (DivideMix's regulariser)
     clean_threshold: float = 0.5  # P(clean) above which a sample counts as clean (select, pools, metrics)
     memorisation_every: int = 5  # methods without a refresh pass: measure memorisation every N epochs (0: never)
@@ -236,6 +238,8 @@ def check(cfg: Config) -> Config:
                 raise ConfigError(f"--{key} is a DivideMix setting; it does nothing with --method {cfg.method}")
     if cfg.guess != "none" and cfg.method not in GUESSING:
         raise ConfigError(f"--guess {cfg.guess} works with --method {', '.join(GUESSING)}, not {cfg.method}")
+    if cfg.select_mixup and cfg.method != "select-correct":
+        raise ConfigError(f"--select_mixup works with --method select-correct, not {cfg.method}")
     if cfg.temperature <= 0 or not 0 <= cfg.p_threshold <= 1:
         raise ConfigError(f"--temperature must be > 0 and --p_threshold in [0, 1], got {cfg.temperature}, "
                           f"{cfg.p_threshold}")

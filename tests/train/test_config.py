@@ -57,6 +57,9 @@ def test_settings_wrong_together_are_rejected():
     assert load_config(["--method", "selectmix", "--guess", "online"]).guess == "online"
     with pytest.raises(ConfigError, match="--guess online works with --method mixnn"):
         load_config(["--method", "ce", "--guess", "online"])
+    assert load_config(["--method", "select-correct", "--select_mixup", "true"]).select_mixup is True
+    with pytest.raises(ConfigError, match="--select_mixup works with --method select-correct, not mixnn"):
+        load_config(["--method", "mixnn", "--select_mixup", "true"])
     assert load_config(["--gmm_split", "class", "--gmm_scale", "log"]).gmm_split == "class"
     with pytest.raises(ConfigError, match="--gmm_split must be one of global, class"):
         load_config(["--gmm_split", "per-class"])

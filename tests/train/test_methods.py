@@ -164,6 +164,29 @@ def test_select_trains_on_clean_ids_and_select_correct_targets():
     assert y.tolist() == [[1.0, 0.0], pytest.approx([0.8, 0.2], abs=1e-3)]  # clean: given; noisy: corrected
 
 
+def test_select_correct_mixup_mixes_the_selected_targets_after_warm_up_only():
+    from train.methods import SelectCorrect
+
+    labels = np.array([0, 1, 1, 0])
+    targets = SoftTargets(labels, 2)
+    targets.assign(np.array([2]), torch.tensor([[0.8, 0.2]]))  # sample 2 (judged noisy): corrected target
+    method = SelectCorrect(labels, 2, threshold=0.5, mixup_alpha=1.0)
+    warm = Tables(targets)  # no GMM yet: the table's rows, nothing mixed
+    x, y = method.inputs_targets(fake_batch([0, 1, 2, 3]), warm, torch.Generator().manual_seed(0))
+    assert x[:, 0, 0, 0].tolist() == [0, 1, 2, 3] and torch.equal(y, targets.rows(torch.arange(4)))
+    tables = Tables(targets, clean=np.array([0.9, 0.9, 0.1, 0.9], np.float32))
+    x, y = method.inputs_targets(fake_batch([0, 1, 2, 3]), tables, torch.Generator().manual_seed(0))
+    unmixed = torch.tensor([[1.0, 0.0], [0.0, 1.0], targets.rows(torch.tensor([2]))[0].tolist(), [1.0, 0.0]])
+    pixel = x[:, 0, 0, 0]  # image i holds the value i: the mixed pixel names the pair and lambda
+    assert not torch.equal(pixel, torch.arange(4.0)) and torch.allclose(y.sum(1), unmixed.sum(1)[0].expand(4), atol=1e-3)
+    for row in range(4):  # every row is lam * own + (1 - lam) * one partner, images and targets alike
+        pairs = [(j, (pixel[row] - j) / (row - j)) for j in range(4) if j != row]
+        lam = [l for j, l in pairs if torch.allclose(y[row], l * unmixed[row] + (1 - l) * unmixed[j], atol=1e-5)]
+        assert lam and 0 <= float(lam[0]) <= 1
+    again = method.inputs_targets(fake_batch([0, 1, 2, 3]), tables, torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], x) and torch.equal(again[1], y)  # the step's generator decides the draw
+
+
 def test_confident_learning_keeps_what_cleanlab_does_not_flag():
     from train.methods import ConfidentLearning
 

@@ -37,7 +37,8 @@ def create_method(cfg, labels: np.ndarray | None = None, num_classes: int = 0, o
     if cfg.method == "select":
         return Select(cfg.clean_threshold)
     if cfg.method == "select-correct":
-        return SelectCorrect(labels, num_classes, cfg.clean_threshold, guess=guess)
+        return SelectCorrect(labels, num_classes, cfg.clean_threshold, guess=guess,
+                             mixup_alpha=cfg.mixup_alpha if getattr(cfg, "select_mixup", False) else None)
     if cfg.method == "selectmix":
         return SelectMix(oos, labels, threshold=cfg.selectmix_threshold, confident=cfg.selectmix_confident,
                          alpha=cfg.mixup_alpha, rule=cfg.selectmix_rule, guess=guess)

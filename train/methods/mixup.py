@@ -6,6 +6,16 @@ import torch
 from .base import CrossEntropy, beta_draw
 
 
+def mix_in_batch(x: torch.Tensor, y: torch.Tensor, alpha: float, generator: torch.Generator):
+    """mixup inside a batch: each row with a random other row of the batch, one lambda ~ Beta(alpha, alpha)
+    for the batch (batches under 2 rows pass through)."""
+    if len(x) < 2:
+        return x, y
+    lam = float(beta_draw(alpha, generator))
+    perm = torch.randperm(len(x), generator=generator).to(x.device)
+    return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
+
+
 class Mixup(CrossEntropy):
     """mixup: a random partner inside the batch, lambda ~ Beta(alpha, alpha)."""
 
@@ -16,8 +26,4 @@ class Mixup(CrossEntropy):
 
     def inputs_targets(self, batch, tables, generator, model=None):
         x, y = super().inputs_targets(batch, tables, generator)
-        if len(x) < 2:
-            return x, y
-        lam = float(beta_draw(self.alpha, generator))
-        perm = torch.randperm(len(x), generator=generator)
-        return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
+        return mix_in_batch(x, y, self.alpha, generator)

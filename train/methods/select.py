@@ -4,7 +4,8 @@
   threshold), refreshed every epoch.
 - `select-correct`: every sample; the clean ones on their given label, the others on their corrected
   soft target (the run's `target_source`/`ema` correction), or with `guess: online` on the network's current
-  sharpened prediction.
+  sharpened prediction; with `select_mixup` the batch is then mixed in-batch (mixup of the images and these
+  targets, DivideMix's labelled/unlabelled mixup with one network and one view).
 - `confident-learning`: cleanlab's `find_label_issues` on K-fold out-of-sample probabilities (the same
   cross-validation stage as SelectMix), then cross-entropy on the samples it keeps, for the whole run.
 """
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import CrossEntropy, Tables, group_rows, guessed_targets
+from .mixup import mix_in_batch
 
 
 class Select(CrossEntropy):
@@ -32,12 +34,15 @@ class Select(CrossEntropy):
 
 
 class SelectCorrect(CrossEntropy):
-    """Clean samples on their given label, the others on their corrected soft target."""
+    """Clean samples on their given label, the others on their corrected soft target; `mixup_alpha` set:
+    then mixup inside the batch."""
 
     name, uses_tables = "select-correct", True
 
-    def __init__(self, labels: np.ndarray, num_classes: int, threshold: float = 0.5, guess: float | None = None):
+    def __init__(self, labels: np.ndarray, num_classes: int, threshold: float = 0.5, guess: float | None = None,
+                 mixup_alpha: float | None = None):
         self.labels, self.num_classes, self.threshold, self.guess = labels, num_classes, threshold, guess
+        self.mixup_alpha = mixup_alpha
 
     def inputs_targets(self, batch, tables: Tables, generator, model=None):
         images, ids, valid = group_rows(batch, 0)
@@ -49,7 +54,10 @@ class SelectCorrect(CrossEntropy):
             if self.guess is not None:  # the others on the network's current sharpened prediction
                 soft = guessed_targets(model, images, soft, ~clean, self.guess)
             soft = torch.where(clean[:, None], given, soft)
-        return images, soft.to(images.device)
+        soft = soft.to(images.device)
+        if self.mixup_alpha is None or tables.clean is None:  # warm-up: plain CE, as every method's
+            return images, soft
+        return mix_in_batch(images, soft, self.mixup_alpha, generator)
 
 
 class ConfidentLearning(CrossEntropy):
