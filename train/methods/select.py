@@ -48,16 +48,14 @@ class SelectCorrect(CrossEntropy):
         images, ids, valid = group_rows(batch, 0)
         images, ids = images[valid, 0], ids[valid, 0].cpu()
         soft = tables.targets.rows(ids)
-        if tables.clean is not None:
-            given = F.one_hot(torch.from_numpy(self.labels[ids.numpy()]), self.num_classes).float()
-            clean = torch.from_numpy(tables.clean[ids.numpy()] > self.threshold)
-            if self.guess is not None:  # the others on the network's current sharpened prediction
-                soft = guessed_targets(model, images, soft, ~clean, self.guess)
-            soft = torch.where(clean[:, None], given, soft)
-        soft = soft.to(images.device)
-        if self.mixup_alpha is None or tables.clean is None:  # warm-up: plain CE, as every method's
-            return images, soft
-        return mix_in_batch(images, soft, self.mixup_alpha, generator)
+        if tables.clean is None:  # warm-up, no GMM yet: the table's rows, unmixed
+            return images, soft.to(images.device)
+        given = F.one_hot(torch.from_numpy(self.labels[ids.numpy()]), self.num_classes).float()
+        clean = torch.from_numpy(tables.clean[ids.numpy()] > self.threshold)
+        if self.guess is not None:  # the others on the network's current sharpened prediction
+            soft = guessed_targets(model, images, soft, ~clean, self.guess)
+        soft = torch.where(clean[:, None], given, soft).to(images.device)
+        return (images, soft) if self.mixup_alpha is None else mix_in_batch(images, soft, self.mixup_alpha, generator)
 
 
 class ConfidentLearning(CrossEntropy):
