@@ -1,10 +1,9 @@
 """bench/knn_vote.py: the vote against hand-made neighbours, and end to end on a finished digits run."""
-import os
 import subprocess
 import sys
 
 import numpy as np
-from conftest import REPO
+from conftest import REPO, cpu_env
 
 sys.path.insert(0, str(REPO / "bench"))
 from knn_vote import neighbour_votes, vote_table  # noqa: E402
@@ -34,9 +33,8 @@ def test_vote_beats_a_wrong_head_when_clean_neighbours_are_right():
 
 
 def run(*args):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=env)
+                          env=cpu_env())
 
 
 def test_end_to_end_on_a_digits_run(tmp_path, digits_shards):
