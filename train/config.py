@@ -44,9 +44,9 @@ class Config:
     gmm_loss: str = "given"  # loss the GMM sees: against the given label or the corrected argmax(t)
     refresh_every: int = 1  # refresh tables every R epochs after warm-up (1: every epoch, the paper; needs num_batches 0)
     gmm_loss_window: int = 5  # fit the GMM on each sample's loss averaged over the last W refreshes
-    gmm_split: str = "global"  # global: one mixture over all samples (DivideMix, MixNN) | class: one per label
-    #                            (the label the loss is against), so each class gets its own split point
-    gmm_scale: str = "linear"  # the mixture is fit on min-max normalised losses (linear) or log-losses (log)
+    gmm_split: str = "auto"  # global: one mixture over all samples (the papers) | class: one per label (the
+    #                          label the loss is against), so each class gets its own split point | auto: GMM_DEFAULTS
+    gmm_scale: str = "auto"  # the mixture is fit on min-max normalised losses (linear) or log-losses (log) | auto
     weights: str = "clean"  # clean (Eq. 10/11) | avg | random | beta (anchor lam ~ Beta, max(lam, 1 - lam))
     partners: str = "knn"  # knn | random
     neighbour_pool: str = "all"  # where neighbours are searched: all | clean (P(clean) > clean_threshold) | class
@@ -116,6 +116,11 @@ class Config:
 METHODS = ("ce", "mixup", "mixnn", "selectmix", "select", "select-correct", "confident-learning", "dividemix")
 GUESSING = ("mixnn", "select-correct", "selectmix")  # methods with targets to guess for noisy samples
 DIVIDEMIX_ONLY = ("p_threshold", "temperature", "lambda_u", "rampup_epochs", "warmup_penalty")
+# (gmm_split, gmm_scale) that `auto` means, per method: one mixture per class on log-losses where it was measured
+# better on Fashion-MNIST (docs/benchmarks.md, rounds 5-8); the papers' one mixture on min-max normalised losses
+# for DivideMix (as published) and `select` (the per-class split starves it: round 5).
+GMM_DEFAULTS = {"mixnn": ("class", "log"), "select-correct": ("class", "log")}
+PAPER_GMM = ("global", "linear")
 
 
 class UserError(Exception):
@@ -225,12 +230,13 @@ def check(cfg: Config) -> Config:
     choices = {"method": METHODS, "weights": ("clean", "avg", "random", "beta"), "partners": ("knn", "random"),
                "neighbour_pool": ("all", "clean", "class"), "mix_start": ("warmup", "correction"),
                "target_source": ("prediction", "refined"), "guess": ("none", "online"),
-               "gmm_loss": ("given", "corrected"), "gmm_split": ("global", "class"),
-               "gmm_scale": ("linear", "log"), "selectmix_rule": ("mismatch", "cleanlab", "precursor"),
+               "gmm_loss": ("given", "corrected"), "gmm_split": ("auto", "global", "class"),
+               "gmm_scale": ("auto", "linear", "log"), "selectmix_rule": ("mismatch", "cleanlab", "precursor"),
                "lr_schedule": ("cosine_restarts", "step")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
+    cfg.gmm_split, cfg.gmm_scale = gmm_setting(cfg)
     defaults = Config()
     if cfg.method != "dividemix":
         for key in DIVIDEMIX_ONLY:
@@ -257,6 +263,12 @@ def check(cfg: Config) -> Config:
         raise ConfigError("--refresh_every > 1 needs full-pass epochs (num_batches 0): a class-balanced draw "
                           "changes the epoch's samples, and those outside the last refresh would have no neighbours")
     return cfg
+
+
+def gmm_setting(cfg: Config) -> tuple[str, str]:
+    """(gmm_split, gmm_scale) with `auto` resolved for the method (GMM_DEFAULTS)."""
+    split, scale = GMM_DEFAULTS.get(cfg.method, PAPER_GMM)
+    return (split if cfg.gmm_split == "auto" else cfg.gmm_split, scale if cfg.gmm_scale == "auto" else cfg.gmm_scale)
 
 
 def config_of_checkpoint(state: dict) -> Config:

@@ -13,7 +13,7 @@ from index.comm import all_gather_rows, broadcast_array, gather_by_id
 from index.gmm import CleanFit, clean_probability, clean_probability_by_class
 from index.knn import knn_sharded, knn_with_recall, search_space
 
-from .config import Config
+from .config import Config, gmm_setting
 from .dataset import Data
 from .loop import RefreshStats, eval_batch_size, refresh
 from .methods import Tables, sharpen_rows
@@ -164,7 +164,8 @@ def fit_losses(cfg: Config, losses: np.ndarray, history: np.ndarray | None, seed
     """The gathered [N] losses (`gather_losses`, against `labels`) averaged over the `gmm_loss_window` last
     refreshes, and the GMM's clean probabilities (`gmm_split`, `gmm_scale`): (history, losses, clean, fit)."""
     history, losses = windowed_losses(history, losses, cfg.gmm_loss_window)
-    clean, fit = fit_clean(losses, seed, is_main, labels if cfg.gmm_split == "class" else None, cfg.gmm_scale)
+    split, scale = gmm_setting(cfg)
+    clean, fit = fit_clean(losses, seed, is_main, labels if split == "class" else None, scale)
     return history, losses, clean, fit
 
 

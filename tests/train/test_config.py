@@ -61,7 +61,7 @@ def test_settings_wrong_together_are_rejected():
     with pytest.raises(ConfigError, match="--select_mixup works with --method select-correct, not mixnn"):
         load_config(["--method", "mixnn", "--select_mixup", "true"])
     assert load_config(["--gmm_split", "class", "--gmm_scale", "log"]).gmm_split == "class"
-    with pytest.raises(ConfigError, match="--gmm_split must be one of global, class"):
+    with pytest.raises(ConfigError, match="--gmm_split must be one of auto, global, class"):
         load_config(["--gmm_split", "per-class"])
 
 
@@ -103,3 +103,17 @@ def test_a_config_that_pretrains_requires_a_choice():
     assert load_config(["--config", str(CONFIG_DIR / "clothing1m.yaml"), "--pretrained", "none"]).pretrained == "none"
     fast = load_config(["--config", f"{CONFIG_DIR / 'webvision_mini.yaml'},{CONFIG_DIR / 'webvision_mini_fast.yaml'}"])
     assert fast.epochs == 100 and fast.model == "inception_resnet_v2"  # the named deviation layers over the paper's
+
+
+def test_gmm_auto_resolves_per_method_and_explicit_values_win(tmp_path):
+    assert (lambda c: (c.gmm_split, c.gmm_scale))(load_config([])) == ("class", "log")  # MixNN, the default
+    assert (lambda c: (c.gmm_split, c.gmm_scale))(load_config(["--method", "select-correct"])) == ("class", "log")
+    for method in ("dividemix", "select"):
+        cfg = load_config(["--method", method])
+        assert (cfg.gmm_split, cfg.gmm_scale) == ("global", "linear")
+    cfg = load_config(["--gmm_split", "global"])
+    assert (cfg.gmm_split, cfg.gmm_scale) == ("global", "log")
+    paper = load_config(["--config", f"{CONFIG_DIR}/fashion_mnist.yaml,{CONFIG_DIR}/mixnn_paper.yaml"])
+    assert (paper.gmm_split, paper.gmm_scale) == ("global", "linear")
+    save_config(load_config([]), tmp_path / "config.yaml")  # a run folder keeps the resolved values
+    assert "gmm_split: class" in (tmp_path / "config.yaml").read_text()

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 from train.config import Config
 from train.loop import RefreshStats
 from train.methods import Tables, sharpen_rows
-from train.tables import memorisation, neighbour_diagnostics, neighbour_pool, neighbour_table, target_rows
+from train.tables import (fit_losses, memorisation, neighbour_diagnostics, neighbour_pool, neighbour_table,
+                          target_rows)
 from train.targets import SoftTargets
 
 
@@ -62,3 +63,20 @@ def test_correction_starts_at_the_0_based_epoch_index_e_s():
     cfg = Config(correction_epoch=59)  # the paper configs: "from epoch 60" counted from 1
     assert not correction_due(cfg, 58) and correction_due(cfg, 59) and correction_due(cfg, 60)
     assert not any(correction_due(Config(correction_epoch=-1), e) for e in range(300))
+
+
+def test_gmm_auto_fits_what_the_method_resolves_to():
+    """A Config built in code (never through load_config's check) still fits the method's `auto` GMM: MixNN one
+    mixture per class on log-losses, DivideMix the paper's one mixture; explicit values are what they say."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(2), 200)
+    # class 1's losses sit 10x above class 0's; 20% of each class mislabelled (20x its class's loss): one global
+    # mixture puts class 0's mislabelled samples (~1.0) with class 1's clean ones and calls them clean
+    losses = np.where(labels == 0, 0.05, 0.5) * rng.lognormal(0, 0.3, 400)
+    noisy = np.arange(400) % 5 == 0
+    losses[noisy] *= 20
+    fit = lambda cfg: fit_losses(cfg, losses.astype(np.float32), None, 0, True, labels)[2] > 0.5
+    per_class, paper = fit(Config(gmm_split="class", gmm_scale="log")), fit(Config(gmm_split="global", gmm_scale="linear"))
+    assert (fit(Config()) == per_class).all() and (fit(Config(method="dividemix")) == paper).all()
+    assert (per_class == ~noisy).all()
+    assert paper[noisy & (labels == 0)].all() and (paper[labels == 1] == ~noisy[labels == 1]).all()
