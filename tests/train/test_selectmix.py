@@ -30,6 +30,29 @@ def test_uncertain_and_confident_by_hand():
     assert cl_uncertain.dtype == bool and cl_uncertain[1::4].all()
 
 
+def test_cleanlab_rules_never_fork_a_worker_pool(monkeypatch):
+    """cleanlab's default n_jobs forks a multiprocessing pool, which can hang a training process for good; both
+    users of find_label_issues (SelectMix's `cleanlab` rule, Confident Learning) must run it in-process."""
+    import multiprocessing
+
+    from train.methods.select import ConfidentLearning
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("find_label_issues forked a multiprocessing pool")
+
+    monkeypatch.setattr(multiprocessing, "Pool", no_pool)
+    monkeypatch.setattr(multiprocessing, "cpu_count", lambda: 4)  # cleanlab's fallback when psutil is absent
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 400)
+    oos = rng.dirichlet(np.ones(3), len(labels)).astype(np.float32)
+    oos[np.arange(len(labels)), labels] += 1.0
+    oos /= oos.sum(1, keepdims=True)
+    oos[:40] = oos[:40, ::-1]  # a few confidently wrong given labels
+    uncertain, _ = split_uncertain(oos, labels, threshold=0.5, confident=0.8, rule="cleanlab")
+    assert uncertain[:40].mean() > 0.5 > uncertain[40:].mean()
+    assert np.array_equal(ConfidentLearning(oos, labels).issues, uncertain)
+
+
 def test_partners_come_from_the_predicted_class_and_targets_mix_soft_labels():
     oos = np.array([[0.9, 0.1], [0.95, 0.05], [0.1, 0.9], [0.2, 0.8]], np.float32)
     labels = np.array([0, 0, 1, 0])  # sample 3 is labelled 0 but predicted 1

@@ -58,15 +58,23 @@ class SelectCorrect(CrossEntropy):
         return (images, soft) if self.mixup_alpha is None else mix_in_batch(images, soft, self.mixup_alpha, generator)
 
 
+def label_issues(labels: np.ndarray, oos: np.ndarray) -> np.ndarray:
+    """[N] bool: cleanlab's `find_label_issues` on out-of-sample probabilities [N, C], in this process. With its
+    default n_jobs cleanlab forks a multiprocessing pool on Linux; forked from a training process (torch's
+    threads, a gloo group) a worker can block forever on a lock, and the run hangs before its first epoch
+    (seen here: one SelectMix run of ~20). The result does not depend on n_jobs."""
+    from cleanlab.filter import find_label_issues
+
+    return find_label_issues(labels, oos, n_jobs=1)
+
+
 class ConfidentLearning(CrossEntropy):
     """CE on the samples cleanlab does not flag, from out-of-sample probabilities [N, C]."""
 
     name = "confident-learning"
 
     def __init__(self, oos: np.ndarray, labels: np.ndarray):
-        from cleanlab.filter import find_label_issues
-
-        self.issues = find_label_issues(labels, oos)  # [N] bool
+        self.issues = label_issues(labels, oos)  # [N] bool
         self.labels = labels
 
     def train_ids(self, ids: np.ndarray, tables: Tables) -> np.ndarray | None:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .base import CrossEntropy, Tables, group_rows, guessed_targets
+from .select import label_issues
 
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -41,9 +42,7 @@ def split_uncertain(oos: np.ndarray, labels: np.ndarray, *, threshold: float, co
     pred = oos.argmax(1)
     p_given = oos[np.arange(len(labels)), labels]
     if rule == "cleanlab":
-        from cleanlab.filter import find_label_issues
-
-        uncertain = find_label_issues(labels, oos)
+        uncertain = label_issues(labels, oos)
     elif rule == "mismatch":
         uncertain = (pred != labels) | (p_given < threshold)
     elif rule == "precursor":
