@@ -27,6 +27,7 @@ VARIANTS = {
     "select-correct": ["--method", "select-correct"],
     "confident-learning": ["--method", "confident-learning"],
     "selectmix": ["--method", "selectmix"],
+    "selectmix-mismatch": ["--method", "selectmix", "--selectmix_rule", "mismatch"],  # the default until round 8
     "selectmix-precursor": ["--method", "selectmix", "--selectmix_rule", "precursor"],
     "selectmix-cleanlab": ["--method", "selectmix", "--selectmix_rule", "cleanlab"],
     "mixnn": ["--method", "mixnn"],

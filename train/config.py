@@ -79,9 +79,11 @@ class Config:
     cv_folds: int = 5  # SelectMix: K-fold cross-validation for the out-of-sample probabilities
     cv_epochs: int = 15  # SelectMix: epochs of each fold's model
     cv_best_epoch: bool = True  # keep each fold's predictions at its best held-out accuracy vs the given labels
-    selectmix_rule: str = "mismatch"  # mismatch | cleanlab (find_label_issues on the same probabilities) |
-    #                                   precursor (the first author's public experiments, see train/methods/selectmix.py)
-    selectmix_threshold: float = 0.5  # uncertain when p(given label) is below this (or prediction differs)
+    selectmix_rule: str = "cleanlab"  # cleanlab (find_label_issues on the out-of-sample probabilities) | mismatch
+    #                                   (prediction differs or p(given) < selectmix_threshold: the default until
+    #                                   round 8 of docs/benchmarks.md) | precursor (the first author's public
+    #                                   experiments, see train/methods/selectmix.py)
+    selectmix_threshold: float = 0.5  # mismatch rule: uncertain when p(given label) is below this (or prediction differs)
     selectmix_confident: float = 0.8  # confident partner: prediction = given label with p >= this
     # DivideMix only (Li et al. 2020; defaults = the authors' Train_cifar.py); mixup's alpha is mixup_alpha
     p_threshold: float = 0.5  # co-divide: labelled when the other network's P(clean) is above this

@@ -83,7 +83,8 @@ def test_stage_is_resumable_per_fold(tmp_path, digits_shards):
     before = (run / "selectmix" / "fold-0.npz").read_bytes()
     cmd = [sys.executable, str(REPO / "train" / "main.py"), "--data", str(digits_shards), "--method", "selectmix",
            "--cv_folds", "2", "--cv_epochs", "1", "--epochs", "1", "--warmup_epochs", "0", "--output",
-           str(tmp_path / "runs"), "--run_name", "sm", "--progress", "false"]
+           str(tmp_path / "runs"), "--run_name", "sm", "--progress", "false",
+           "--selectmix_rule", "mismatch"]  # p(given) = 0.1 < 0.5 flags every sample of the marker fold
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run / "selectmix" / "fold-0.npz").read_bytes() == before  # a finished fold is not retrained
