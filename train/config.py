@@ -226,7 +226,8 @@ def load_config(argv: list[str]) -> Config:
 
 
 def check(cfg: Config) -> Config:
-    """Values outside their choices, and settings that are wrong together."""
+    """Values outside their choices, and settings that are wrong together; `auto` GMM settings resolved for the
+    method (what RUN/config.yaml then records)."""
     if cfg.cache_images not in ("auto", "true", "false"):
         raise ConfigError(f"--cache_images must be auto, true or false, got {cfg.cache_images!r}")
     choices = {"method": METHODS, "weights": ("clean", "avg", "random", "beta"), "partners": ("knn", "random"),

@@ -106,14 +106,10 @@ def test_a_config_that_pretrains_requires_a_choice():
 
 
 def test_gmm_auto_resolves_per_method_and_explicit_values_win(tmp_path):
-    assert (lambda c: (c.gmm_split, c.gmm_scale))(load_config([])) == ("class", "log")  # MixNN, the default
-    assert (lambda c: (c.gmm_split, c.gmm_scale))(load_config(["--method", "select-correct"])) == ("class", "log")
-    for method in ("dividemix", "select"):
-        cfg = load_config(["--method", method])
-        assert (cfg.gmm_split, cfg.gmm_scale) == ("global", "linear")
-    cfg = load_config(["--gmm_split", "global"])
-    assert (cfg.gmm_split, cfg.gmm_scale) == ("global", "log")
-    paper = load_config(["--config", f"{CONFIG_DIR}/fashion_mnist.yaml,{CONFIG_DIR}/mixnn_paper.yaml"])
-    assert (paper.gmm_split, paper.gmm_scale) == ("global", "linear")
+    gmm = lambda argv: (lambda c: (c.gmm_split, c.gmm_scale))(load_config(argv))
+    assert gmm([]) == gmm(["--method", "select-correct"]) == ("class", "log")  # MixNN (the default method)
+    assert gmm(["--method", "dividemix"]) == gmm(["--method", "select"]) == ("global", "linear")
+    assert gmm(["--gmm_split", "global"]) == ("global", "log")
+    assert gmm(["--config", f"{CONFIG_DIR}/fashion_mnist.yaml,{CONFIG_DIR}/mixnn_paper.yaml"]) == ("global", "linear")
     save_config(load_config([]), tmp_path / "config.yaml")  # a run folder keeps the resolved values
     assert "gmm_split: class" in (tmp_path / "config.yaml").read_text()
