@@ -113,3 +113,14 @@ def test_gmm_auto_resolves_per_method_and_explicit_values_win(tmp_path):
     assert gmm(["--config", f"{CONFIG_DIR}/fashion_mnist.yaml,{CONFIG_DIR}/mixnn_paper.yaml"]) == ("global", "linear")
     save_config(load_config([]), tmp_path / "config.yaml")  # a run folder keeps the resolved values
     assert "gmm_split: class" in (tmp_path / "config.yaml").read_text()
+
+
+def test_paper_method_configs_layer_over_a_data_set_config():
+    both = lambda name: load_config(["--config", f"{CONFIG_DIR}/fashion_mnist.yaml,{CONFIG_DIR}/{name}.yaml"])
+    selectmix = both("selectmix_paper")  # fashion_mnist.yaml's 3 x 8 cross-validation is overridden
+    assert (selectmix.method, selectmix.selectmix_rule, selectmix.cv_folds, selectmix.cv_epochs) == \
+        ("selectmix", "mismatch", 5, 15)
+    assert (selectmix.model, selectmix.epochs) == ("small_cnn_w16", 20)  # the data set's settings stay
+    assert load_config(["--method", "selectmix"]).selectmix_rule == "cleanlab"
+    mixnn = both("mixnn_paper")
+    assert (mixnn.gmm_loss_window, mixnn.neighbour_pool, mixnn.gmm_split) == (1, "all", "global")
