@@ -123,6 +123,11 @@ DIVIDEMIX_ONLY = ("p_threshold", "temperature", "lambda_u", "rampup_epochs", "wa
 # for DivideMix (as published) and `select` (the per-class split starves it: round 5).
 GMM_DEFAULTS = {"mixnn": ("class", "log"), "select-correct": ("class", "log")}
 PAPER_GMM = ("global", "linear")
+# A run folder's config.yaml records every key its version knew, so a resumed run keeps its settings - except
+# keys added later whose default has changed since: a config.yaml that lacks one was written before the key
+# existed, and the key's first default is what that run did. Whoever changes a default adds the key here with
+# the value it had when it was added (train/config.py's history).
+FIRST_DEFAULTS = {"gmm_loss_window": 1, "gmm_split": "global", "gmm_scale": "linear", "selectmix_rule": "mismatch"}
 
 
 class UserError(Exception):
@@ -219,7 +224,7 @@ def load_config(argv: list[str]) -> Config:
     overrides = parse_overrides(argv)
     cfg = Config()
     if "resume" in overrides:
-        apply(cfg, read_yaml(Path(overrides["resume"]) / "config.yaml"), "resumed run")
+        apply(cfg, saved_settings(read_yaml(Path(overrides["resume"]) / "config.yaml")), "resumed run")
     for config_file in filter(None, overrides.pop("config", "").split(",")):
         apply(cfg, read_yaml(Path(config_file)), config_file)
     return check(apply(cfg, overrides, "command line"))
@@ -274,9 +279,16 @@ def gmm_setting(cfg: Config) -> tuple[str, str]:
     return (split if cfg.gmm_split == "auto" else cfg.gmm_split, scale if cfg.gmm_scale == "auto" else cfg.gmm_scale)
 
 
+def saved_settings(values: dict) -> dict:
+    """A saved run's settings as it ran them: keys missing because its version predates them take their first
+    default (FIRST_DEFAULTS), not today's."""
+    return {**{k: v for k, v in FIRST_DEFAULTS.items() if k not in values}, **values}
+
+
 def config_of_checkpoint(state: dict) -> Config:
-    """The run's configuration as saved in a checkpoint (keys this version no longer knows are dropped)."""
-    return Config(**{k: v for k, v in state["config"].items() if k in Config.__dataclass_fields__})
+    """The run's configuration as saved in a checkpoint (keys this version no longer knows are dropped, keys it
+    did not know yet take their first default)."""
+    return Config(**{k: v for k, v in saved_settings(state["config"]).items() if k in Config.__dataclass_fields__})
 
 
 def save_config(cfg: Config, path: Path) -> None:

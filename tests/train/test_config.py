@@ -124,3 +124,16 @@ def test_paper_method_configs_layer_over_a_data_set_config():
     assert load_config(["--method", "selectmix"]).selectmix_rule == "cleanlab"
     mixnn = both("mixnn_paper")
     assert (mixnn.gmm_loss_window, mixnn.neighbour_pool, mixnn.gmm_split) == (1, "all", "global")
+
+
+def test_a_run_from_before_a_key_existed_resumes_on_that_keys_first_default(tmp_path):
+    old = dataclasses.asdict(load_config(["--method", "mixnn"]))
+    for key in ("gmm_split", "gmm_scale", "gmm_loss_window", "selectmix_rule"):  # added after this run was written
+        del old[key]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    resumed = load_config(["--resume", str(tmp_path)])
+    assert (resumed.gmm_split, resumed.gmm_scale, resumed.gmm_loss_window) == ("global", "linear", 1)
+    assert resumed.selectmix_rule == "mismatch"
+    assert load_config(["--resume", str(tmp_path), "--gmm_split", "class"]).gmm_split == "class"  # still overridable
+    save_config(load_config([]), tmp_path / "config.yaml")  # today's run folder: today's values
+    assert (load_config(["--resume", str(tmp_path)]).gmm_split, Config().gmm_loss_window) == ("class", 5)
