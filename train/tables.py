@@ -213,7 +213,9 @@ def memorisation_pass(cfg: Config, model, data: Data, plan, accelerator) -> dict
 def neighbour_diagnostics(partners: np.ndarray, labels: np.ndarray, true_labels: np.ndarray, ids: np.ndarray) -> dict:
     """Among the truly mislabelled anchors: how often the first neighbour's given label is the anchor's true
     label, how often the neighbour is itself truly clean, and how often it shares the anchor's true class
-    (the MixNN paper's Fig. 3 statistic)."""
+    (the MixNN paper's Fig. 3 statistic); and the first at chance - how often the given label of a partner
+    drawn uniformly from `ids` is the anchor's true label - which is what random partners carry. The table
+    is the nearest-neighbour table whatever `partners` a run mixes with."""
     nb = partners[ids, 0]
     ok = (nb >= 0) & (true_labels[ids] >= 0)
     anchors, nb = ids[ok], nb[ok]
@@ -221,7 +223,9 @@ def neighbour_diagnostics(partners: np.ndarray, labels: np.ndarray, true_labels:
     if not wrong.any():
         return {}
     a, n = anchors[wrong], nb[wrong]
+    given_share = np.bincount(labels[ids], minlength=int(true_labels[a].max()) + 1) / len(ids)
     return {"nn_given_is_anchor_true": float((labels[n] == true_labels[a]).mean()),
+            "nn_chance_given_is_anchor_true": float(given_share[true_labels[a]].mean()),
             "nn_truly_clean": float((labels[n] == true_labels[n]).mean()),
             "nn_same_true_class": float((true_labels[n] == true_labels[a]).mean())}
 

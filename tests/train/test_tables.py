@@ -44,7 +44,8 @@ def test_neighbour_diagnostics_by_hand():
     partners = np.array([[1], [0], [0], [2]])
     out = neighbour_diagnostics(partners, labels, true, np.arange(4))
     # the only mislabelled anchor (1) has neighbour 0: given 0 = its true class, truly clean, same true class
-    assert out == {"nn_given_is_anchor_true": 1.0, "nn_truly_clean": 1.0, "nn_same_true_class": 1.0}
+    assert out == {"nn_given_is_anchor_true": 1.0, "nn_chance_given_is_anchor_true": 0.5, "nn_truly_clean": 1.0,
+                   "nn_same_true_class": 1.0}  # at chance: 2 of the 4 given labels are 0, the anchor's true class
     partners[1] = 3  # now its neighbour is a clean sample of another class
     out = neighbour_diagnostics(partners, labels, true, np.arange(4))
     assert out["nn_given_is_anchor_true"] == 0.0 and out["nn_same_true_class"] == 0.0
