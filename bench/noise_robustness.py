@@ -13,7 +13,8 @@ Prints per noise: test accuracy at the last epoch (mean ± std over seeds) and a
 noisy val split, the share of the gap to the clean-label ceiling closed ((method - CE) / (clean - CE), last
 epoch, when ce and clean are in the grid), label-correction accuracy, and the diagnostics of kNN vs random
 partners (among truly mislabelled anchors: nearest neighbour's given label = anchor's true label, the same
-for a partner drawn at random (chance), neighbour truly clean) and of memorisation (train accuracy against the given labels on truly mislabelled samples).
+for a partner drawn at random (chance), neighbour truly clean, share of mislabelled anchors that Eq. 10/11's
+weights drop from their mixed sample) and of memorisation (train accuracy against the given labels on truly mislabelled samples).
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def table(results: dict, noises: list[str], methods: list[str], seeds: list[int]
     for n in noises:
         head += [f"{n} test (last)", f"{n} test (best val)", f"{n} gap closed", f"{n} label corr.",
                  f"{n} NN given = true", f"{n} random partner given = true", f"{n} NN truly clean",
-                 f"{n} fit wrong labels"]
+                 f"{n} mislabelled anchors dropped", f"{n} fit wrong labels"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for m in methods:
         cells = [m]
@@ -68,7 +69,7 @@ def table(results: dict, noises: list[str], methods: list[str], seeds: list[int]
             cells += [fmt(get(n, m, "test_top1")), fmt(best_per_seed(results, n, m, seeds)), gap(n, m),
                       fmt(get(n, m, "label_correction_accuracy"), 100) if m.startswith(("mixnn", "select-")) else "-",
                       fmt(get(n, m, "nn_given_is_anchor_true"), 100), fmt(get(n, m, "nn_chance_given_is_anchor_true"), 100),
-                      fmt(get(n, m, "nn_truly_clean"), 100),
+                      fmt(get(n, m, "nn_truly_clean"), 100), fmt(get(n, m, "nn_noisy_anchor_dropped"), 100),
                       fmt(get(n, m, "train_acc_given_truly_noisy"), 100)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

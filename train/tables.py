@@ -155,6 +155,8 @@ def refresh_tables(cfg: Config, epoch: int, model, data: Data, plan, tables: Tab
     out.update(memorisation(stats, data.train))
     if tables.partners is not None:
         out.update(neighbour_diagnostics(tables.partners, data.train.labels, data.train.true_labels, plan.unique_ids))
+        out.update(anchor_weight_diagnostics(tables.partners, clean, data.train.labels, data.train.true_labels,
+                                             plan.unique_ids))
     out.update(gmm_diagnostics(fit, losses, data.train))
     return out
 
@@ -228,6 +230,22 @@ def neighbour_diagnostics(partners: np.ndarray, labels: np.ndarray, true_labels:
             "nn_chance_given_is_anchor_true": float(given_share[true_labels[a]].mean()),
             "nn_truly_clean": float((labels[n] == true_labels[n]).mean()),
             "nn_same_true_class": float((true_labels[n] == true_labels[a]).mean())}
+
+
+def anchor_weight_diagnostics(partners: np.ndarray, clean: np.ndarray, labels: np.ndarray, true_labels: np.ndarray,
+                              ids: np.ndarray) -> dict:
+    """What Eq. 10/11's clean-probability weights (`weights: clean`) leave of a truly mislabelled anchor in its
+    mixed sample with its neighbours: the mean weight on the anchor's own image, and the share of such anchors
+    whose weight is below 0.05 - dropped, their mixed sample being their neighbours with the neighbours'
+    targets. A detector that is sure of them turns mixing into replacing them, which any partner can do."""
+    ids = ids[(true_labels[ids] >= 0) & (labels[ids] != true_labels[ids])]
+    if not len(ids):
+        return {}
+    nb = partners[ids]
+    p_nb = np.where(nb >= 0, clean[np.maximum(nb, 0)], 0.0).sum(1)
+    total = clean[ids] + p_nb
+    weight = np.where(total > 1e-10, clean[ids] / np.maximum(total, 1e-10), 1.0 / (1 + (nb >= 0).sum(1)))
+    return {"nn_noisy_anchor_weight": float(weight.mean()), "nn_noisy_anchor_dropped": float((weight < 0.05).mean())}
 
 
 def refresh_due(cfg: Config, epoch: int, tables: Tables) -> bool:

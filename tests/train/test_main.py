@@ -54,7 +54,8 @@ def test_tensorboard_has_the_named_scalars(full_run):
                  "time/time_refresh", "time/time_gmm", "time/time_knn", "time/time_gather", "time/time_check",
                  "time/time_plan", "time/time_partners", "time/time_metrics", "time/time_checkpoint",
                  "neighbours/neighbour_agreement",
-                 "neighbours/nn_given_is_anchor_true", "neighbours/nn_truly_clean", "gmm/gmm_mean_clean",
+                 "neighbours/nn_given_is_anchor_true", "neighbours/nn_chance_given_is_anchor_true",
+                 "neighbours/nn_truly_clean", "neighbours/nn_noisy_anchor_dropped", "gmm/gmm_mean_clean",
                  "train/images_per_second", "memorisation/train_acc_given_truly_noisy"):
         assert name in tags, name
     assert not [t for t in tags if t.startswith("other/")]  # every scalar sits in a group

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 from train.config import Config
 from train.loop import RefreshStats
 from train.methods import Tables, sharpen_rows
-from train.tables import (fit_losses, memorisation, neighbour_diagnostics, neighbour_pool, neighbour_table,
-                          target_rows)
+from train.tables import (anchor_weight_diagnostics, fit_losses, memorisation, neighbour_diagnostics,
+                          neighbour_pool, neighbour_table, target_rows)
 from train.targets import SoftTargets
 
 
@@ -49,6 +49,18 @@ def test_neighbour_diagnostics_by_hand():
     partners[1] = 3  # now its neighbour is a clean sample of another class
     out = neighbour_diagnostics(partners, labels, true, np.arange(4))
     assert out["nn_given_is_anchor_true"] == 0.0 and out["nn_same_true_class"] == 0.0
+
+
+def test_anchor_weight_diagnostics_by_hand():
+    labels, true = np.array([0, 1, 1, 1, 0]), np.array([0, 0, 1, 0, 0])  # samples 1 and 3 are mislabelled
+    partners = np.array([[0], [0], [3], [4], [-1]])
+    clean = np.array([0.9, 0.02, 0.8, 0.0, 0.0])
+    out = anchor_weight_diagnostics(partners, clean, labels, true, np.arange(5))
+    # anchor 1 (p 0.02) beside a sure-clean neighbour keeps 0.02 / 0.92 of its image: dropped;
+    # anchor 3 (p 0) beside another p = 0 sample: equal weights (Eq. 10/11's fallback), kept
+    assert out["nn_noisy_anchor_dropped"] == 0.5
+    assert out["nn_noisy_anchor_weight"] == pytest.approx((0.02 / 0.92 + 0.5) / 2)
+    assert anchor_weight_diagnostics(partners, clean, true, true, np.arange(5)) == {}  # no mislabelled anchor
 
 
 def test_memorisation_separates_clean_and_mislabelled():
