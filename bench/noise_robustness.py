@@ -14,7 +14,8 @@ noisy val split, the share of the gap to the clean-label ceiling closed ((method
 epoch, when ce and clean are in the grid), label-correction accuracy, and the diagnostics of kNN vs random
 partners (among truly mislabelled anchors: nearest neighbour's given label = anchor's true label, the same
 for a partner drawn at random (chance), neighbour truly clean, share of mislabelled anchors that Eq. 10/11's
-weights drop from their mixed sample) and of memorisation (train accuracy against the given labels on truly mislabelled samples).
+weights drop from their mixed sample) and of memorisation (train accuracy against the given labels on truly
+mislabelled samples).
 """
 from __future__ import annotations
 
