@@ -69,7 +69,8 @@ def table(results: dict, noises: list[str], methods: list[str], seeds: list[int]
         for n in noises:
             cells += [fmt(get(n, m, "test_top1")), fmt(best_per_seed(results, n, m, seeds)), gap(n, m),
                       fmt(get(n, m, "label_correction_accuracy"), 100) if m.startswith(("mixnn", "select-")) else "-",
-                      fmt(get(n, m, "nn_given_is_anchor_true"), 100), fmt(get(n, m, "nn_chance_given_is_anchor_true"), 100),
+                      fmt(get(n, m, "nn_given_is_anchor_true"), 100),
+                      fmt(get(n, m, "nn_chance_given_is_anchor_true"), 100),
                       fmt(get(n, m, "nn_truly_clean"), 100), fmt(get(n, m, "nn_noisy_anchor_dropped"), 100),
                       fmt(get(n, m, "train_acc_given_truly_noisy"), 100)]
         lines.append("| " + " | ".join(cells) + " |")
