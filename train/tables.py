@@ -16,7 +16,7 @@ from index.knn import knn_sharded, knn_with_recall, search_space
 from .config import Config, gmm_setting
 from .dataset import Data
 from .loop import RefreshStats, eval_batch_size, refresh
-from .methods import Tables, sharpen_rows
+from .methods import Tables, clean_weights, sharpen_rows
 from .metrics import label_correction_accuracy, neighbour_agreement, noise_detection
 
 
@@ -241,10 +241,10 @@ def anchor_weight_diagnostics(partners: np.ndarray, clean: np.ndarray, labels: n
     ids = ids[(true_labels[ids] >= 0) & (labels[ids] != true_labels[ids])]
     if not len(ids):
         return {}
-    nb = partners[ids]
-    p_nb = np.where(nb >= 0, clean[np.maximum(nb, 0)], 0.0).sum(1)
-    total = clean[ids] + p_nb
-    weight = np.where(total > 1e-10, clean[ids] / np.maximum(total, 1e-10), 1.0 / (1 + (nb >= 0).sum(1)))
+    # the groups MixNN mixes (a missing neighbour: the anchor itself) and their Eq. 10/11 weights
+    group = np.concatenate([ids[:, None], np.where(partners[ids] >= 0, partners[ids], ids[:, None])], 1)
+    weights = clean_weights(torch.from_numpy(clean[group]).float()).numpy()
+    weight = (weights * (group == ids[:, None])).sum(1)  # the anchor's share of its mixed image
     return {"nn_noisy_anchor_weight": float(weight.mean()), "nn_noisy_anchor_dropped": float((weight < 0.05).mean())}
 
 
