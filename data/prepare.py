@@ -6,15 +6,20 @@ digits (needs no --root).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from . import labels, sources
+from .atomic import WriteFailed, atomic_write_text
 from .noise import apply_noise, noise_summary, parse_noise
-from .shards import write_manifest, write_split
+from .shards import ShardError, write_manifest, write_split
 
 logger = logging.getLogger("data.prepare")
 DATASETS = ("clothing1m", "webvision", "ilsvrc12-val", "cifar10", "cifar100", "fashion-mnist", "mnist", "folder",
@@ -39,10 +44,10 @@ def read_source(args) -> sources.Source:
     if args.dataset == "digits":
         return sources.read_digits()
     if args.root is None:
-        raise SystemExit(f"data.prepare {args.dataset}: --root RAW is required")
+        raise ValueError(f"data.prepare {args.dataset}: --root RAW is required")
     root = Path(args.root)
     if not root.is_dir():
-        raise SystemExit(f"data.prepare {args.dataset}: --root {root} is not a folder")
+        raise ValueError(f"data.prepare {args.dataset}: --root {root} is not a folder")
     splits = tuple(args.splits.split(",")) if args.splits else None
     if args.dataset == "clothing1m":
         return sources.read_clothing1m(root, splits or ("train", "val", "test"))
@@ -51,7 +56,7 @@ def read_source(args) -> sources.Source:
                                       splits or ("train", "val"))
     if args.dataset == "ilsvrc12-val":
         if not args.synsets:
-            raise SystemExit("data.prepare ilsvrc12-val: --synsets WEBVISION/info/synsets.txt is required")
+            raise ValueError("data.prepare ilsvrc12-val: --synsets WEBVISION/info/synsets.txt is required")
         return sources.read_ilsvrc12_val(root, Path(args.synsets), args.num_classes or 1000,
                                          Path(args.solution) if args.solution else None,
                                          Path(args.devkit) if args.devkit else None)
@@ -70,9 +75,12 @@ def instance_features(records: list[sources.Record]) -> np.ndarray:
 
     from PIL import Image
 
-    def load(r):
+    from .images import convert_image
+
+    def load(r, mode=None):
         with Image.open(io.BytesIO(sources.file_bytes(r))) as img:
-            return img.convert("L" if img.mode in ("L", "1") else "RGB")
+            return convert_image(img, mode or ("L" if img.mode in ("L", "1", "I", "F") or img.mode.startswith("I;")
+                                               else "RGB"))
 
     first = load(records[0])
     mode = first.mode
@@ -80,7 +88,7 @@ def instance_features(records: list[sources.Record]) -> np.ndarray:
     channels = 1 if mode == "L" else 3
     pixels = np.empty((len(records), size[0] * size[1], channels), dtype=np.float32)
     for i, r in enumerate(records):
-        img = load(r).convert(mode)
+        img = load(r, mode)
         if img.size != size:
             img = img.resize(size, Image.BILINEAR)
         pixels[i] = np.asarray(img, dtype=np.float32).reshape(-1, channels) / 255.0
@@ -161,20 +169,66 @@ def replace_labels(source: sources.Source, args) -> dict:
     return {}
 
 
+def claim_out(out: Path, name: str, splits: list[str], overwrite: bool) -> list[str]:
+    """The splits already in `out` that this preparation replaces. Writing a split that exists is refused
+    unless `overwrite`, which replaces every split of the same data set (no stale val split is left beside a
+    re-written train split); splits of another data set (ILSVRC12 val beside WebVision) are kept."""
+    manifest_path = out / "dataset.json"
+    existing = json.loads(manifest_path.read_text()).get("splits", {}) if manifest_path.is_file() else {}
+    orphans = [p.name for p in out.glob("*") if p.is_dir() and any(p.glob("shard-*.tar")) and p.name not in existing]
+    clash = sorted(set(splits) & (set(existing) | set(orphans)))
+    if clash and not overwrite:
+        raise ValueError(f"--out {out} already holds split(s) {', '.join(clash)}; pass --overwrite to replace the "
+                         f"prepared {name} data there, or choose another --out")
+    if not overwrite:
+        return []
+    return sorted(set(clash) | {s for s, e in existing.items() if e.get("source") == name} | set(orphans))
+
+
+def install_splits(out: Path, staging: Path, written: list[str], replaced: list[str]) -> None:
+    """Move the staged splits into `out` (each one a rename), the replaced ones out of the way first."""
+    old = staging / ".replaced"
+    old.mkdir(exist_ok=True)
+    for split in replaced:
+        if (out / split).exists():
+            os.replace(out / split, old / split)
+    for split in written:
+        os.replace(staging / split, out / split)
+
+
 def prepare(args) -> dict:
-    """Read, optionally relabel or corrupt, and write every split; returns the per-split manifest entries."""
+    """Read, optionally relabel or corrupt, and write every split; returns the per-split manifest entries.
+
+    Splits are written into a staging folder inside `--out` and renamed into place when all are written, and
+    `dataset.json` is replaced last, so an interrupted preparation leaves the previous data set as it was."""
     source = read_source(args)
     replaced = replace_labels(source, args)
     subset = subsample_train(source, args.train_subset, args.seed)
     extra = {**source.extra, **subset, **add_noise(source, args.noise, args.seed), **replaced}
     extra.update(carve_val(source, args.val_fraction, args.seed))
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".prepare-*"):  # a killed preparation's staging folder
+        shutil.rmtree(stale, ignore_errors=True)
+    to_replace = claim_out(out, source.name, list(source.splits), args.overwrite)
+    staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))
+    try:
+        results = write_splits(source, args, staging)
+        install_splits(out, staging, list(results), to_replace)
+        write_manifest(out, source.name, source.class_names, results, extra, replaced=to_replace)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return results
+
+
+def write_splits(source: sources.Source, args, staging: Path) -> dict:
+    """Every split's shards into `staging/<split>`; their manifest entries."""
     results = {}
     for split, records in source.splits.items():
         if not records:
             raise sources.AnnotationError(f"{source.name}: split {split!r} would be written with 0 samples "
                                           f"(looked in {args.root or 'the built-in set'}); {EMPTY_HINTS.get(args.dataset, 'check --root')}")
-        entry = write_split(records, out / split, resize=args.resize, workers=args.workers,
+        entry = write_split(records, staging / split, resize=args.resize, workers=args.workers,
                             maxcount=args.shard_size)
         results[split] = entry
         logger.info("%s/%s: %d samples written, %d skipped (%.2f%%), realised noise %s", source.name, split,
@@ -183,10 +237,11 @@ def prepare(args) -> dict:
         for item in entry["skipped"][:10]:
             logger.info("  skipped %s: %s", item["key"], item["reason"])
         if entry["skipped_fraction"] > args.max_skip_fraction:
-            write_manifest(out, source.name, source.class_names, results, extra)
+            report = Path(args.out) / f"skipped-{split}.json"
+            atomic_write_text(report, json.dumps(entry["skipped"], indent=1) + "\n")
             raise TooManySkipped(f"{split}: {len(entry['skipped'])} of {len(records)} images skipped "
-                                 f"(> --max-skip-fraction {args.max_skip_fraction}); see {out / 'dataset.json'}")
-    write_manifest(out, source.name, source.class_names, results, extra)
+                                 f"(> --max-skip-fraction {args.max_skip_fraction}); nothing was written; the "
+                                 f"skipped images and reasons are in {report}")
     return results
 
 
@@ -226,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
     p.add_argument("--max-skip-fraction", type=float, default=0.01,
                    help="fail when more than this fraction of a split's images is missing or undecodable")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the splits of this data set already prepared in --out (else writing a split that "
+                        "exists there is refused)")
     return p
 
 
@@ -235,7 +293,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         prepare(args)
-    except (sources.AnnotationError, TooManySkipped, ValueError) as e:
+    except WriteFailed as e:
+        logger.error("error: %s", e.strerror)
+        return 2
+    except (sources.AnnotationError, TooManySkipped, ShardError, ValueError, OSError) as e:
         logger.error("error: %s", e)
         return 2
     return 0

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .images import convert_image
 from .shards import load_offset_table
 
 logger = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ class ShardDataset(torch.utils.data.Dataset):
     def load_image(self, sample_id: int) -> Image.Image:
         """Decode one sample's image in `self.mode`."""
         with Image.open(io.BytesIO(self.read_bytes(sample_id))) as img:
-            return img.convert(self.mode)
+            return convert_image(img, self.mode)
 
     def __getitem__(self, sample_id):
         sample_id = int(sample_id)

@@ -13,12 +13,15 @@ import json
 import logging
 import os
 import tarfile
+import zlib
 from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write, atomic_write_text
+from .images import convert_image
 from .sources import Record, file_bytes, image_extension
 
 FORMAT_VERSION = 1
@@ -26,6 +29,10 @@ MTIME = 0  # fixed member mtime (an int: a float mtime makes tarfile add a PAX h
 #            doubling the shard size and the time to write and index it); the same input gives byte-identical shards
 IMAGE_EXTS = ("jpg", "png", "bmp", "webp", "gif", "tiff")
 logger = logging.getLogger(__name__)
+
+
+class ShardError(ValueError):
+    """Shards that do not match their manifest (missing, truncated, foreign, mixed); the message says what."""
 
 
 @dataclass
@@ -49,7 +56,7 @@ def check_and_resize(data: bytes, resize: int | None) -> tuple[bytes, str | None
         scale = resize / min(img.size)
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
         out = io.BytesIO()
-        img.convert("RGB").resize(size, Image.BILINEAR).save(out, format="JPEG", quality=90)
+        convert_image(img, "RGB").resize(size, Image.BILINEAR).save(out, format="JPEG", quality=90)
         return out.getvalue(), "jpg"
 
 
@@ -103,9 +110,22 @@ def write_split(records: list[Record], out: Path, *, resize: int | None = None, 
             true_labels.append(item.record.true_label)
     shards = sorted(out.glob("shard-*.tar"))
     table = build_offset_table(shards)
-    np.savez(out / "offsets.npz", **table)
+    atomic_write(out / "offsets.npz", lambda f: np.savez(f, **table))
     write_wids_index(out, shards, table)
-    return split_manifest(np.array(labels), np.array(true_labels), skipped, len(records))
+    entry = split_manifest(np.array(labels), np.array(true_labels), skipped, len(records))
+    counts = np.bincount(table["shard"], minlength=len(shards))
+    entry["shards"] = [{"name": p.name, "size": os.path.getsize(p), "crc32": file_crc32(p), "count": int(c)}
+                       for p, c in zip(shards, counts)]
+    return entry
+
+
+def file_crc32(path: Path, chunk: int = 1 << 22) -> int:
+    """CRC-32 of a whole file (zlib's; ~1 GB/s)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 def split_manifest(labels: np.ndarray, true_labels: np.ndarray, skipped: list, total: int) -> dict:
@@ -126,7 +146,7 @@ def write_wids_index(out: Path, shards: list[Path], table: dict) -> None:
     counts = np.bincount(table["shard"], minlength=len(shards))
     index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": out.name,
              "shardlist": [{"url": s.name, "nsamples": int(n)} for s, n in zip(shards, counts)]}
-    (out / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+    atomic_write_text(out / "index.json", json.dumps(index, indent=1) + "\n")
 
 
 def build_offset_table(shards: list[Path]) -> dict[str, np.ndarray]:
@@ -150,10 +170,16 @@ def build_offset_table(shards: list[Path]) -> dict[str, np.ndarray]:
                     value = tar.extractfile(member).read().decode("utf-8")
                     current[field] = value if field == "src.txt" else int(value)
                 if "idx" in current:
+                    other = rows.get(current["idx"])
+                    if other is not None and other is not current:
+                        raise ShardError(f"{path}: sample id {current['idx']} also appears in "
+                                         f"{shards[other['shard']].name}: shards of two preparations are mixed; "
+                                         "re-run data.prepare into an empty --out")
                     rows[current["idx"]] = current
     n = len(rows)
     if sorted(rows) != list(range(n)):
-        raise ValueError(f"{shards[0].parent}: sample ids are not dense 0..{n - 1}; re-run data.prepare")
+        raise ShardError(f"{shards[0].parent}: sample ids are not dense 0..{n - 1} (a shard is missing, truncated "
+                         "or from another preparation); re-run data.prepare")
     ordered = [rows[i] for i in range(n)]
     return {
         "shard": np.array([r["shard"] for r in ordered], dtype=np.int32),
@@ -172,7 +198,7 @@ def load_offset_table(split_dir: Path) -> dict[str, np.ndarray]:
     """offsets.npz when it matches the shards on disk, else rebuilt by scanning them."""
     shards = sorted(split_dir.glob("shard-*.tar"))
     if not shards:
-        raise FileNotFoundError(f"{split_dir}: no shard-*.tar files; run `python -m data.prepare` first")
+        raise ShardError(f"{split_dir}: no shard-*.tar files; run `python -m data.prepare` first")
     cached = split_dir / "offsets.npz"
     if cached.is_file():
         with np.load(cached, allow_pickle=False) as z:
@@ -184,10 +210,15 @@ def load_offset_table(split_dir: Path) -> dict[str, np.ndarray]:
     return build_offset_table(shards)
 
 
-def write_manifest(out: Path, name: str, class_names: list[str], splits: dict[str, dict], extra: dict) -> None:
-    """`dataset.json`: merged with an existing manifest so splits can be prepared separately."""
+def write_manifest(out: Path, name: str, class_names: list[str], splits: dict[str, dict], extra: dict,
+                   replaced: list[str] = ()) -> None:
+    """`dataset.json`: merged with an existing manifest so splits can be prepared separately; the entries of
+    `replaced` splits are dropped first (a manifest left with none starts afresh)."""
     path = out / "dataset.json"
     manifest = json.loads(path.read_text()) if path.is_file() else {}
+    if replaced:
+        kept = {k: v for k, v in manifest.get("splits", {}).items() if k not in replaced}
+        manifest = {**manifest, "splits": kept} if kept else {}
     if manifest.get("num_classes", len(class_names)) != len(class_names):
         raise ValueError(f"{path}: holds {manifest['num_classes']} classes, these splits {len(class_names)}; "
                          "use --num-classes to match or another --out")
@@ -195,16 +226,58 @@ def write_manifest(out: Path, name: str, class_names: list[str], splits: dict[st
     manifest.update({"format_version": FORMAT_VERSION, "num_classes": len(class_names),
                      "class_names": manifest.get("class_names", class_names), **extra})
     manifest.setdefault("splits", {}).update({k: {"source": name, **v} for k, v in splits.items()})
-    path.write_text(json.dumps(manifest, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
 
 
 def read_manifest(root: Path) -> dict:
     """Read `dataset.json` of a prepared data set folder."""
     path = Path(root) / "dataset.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; prepare the data set with `python -m data.prepare`")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: shard format version {manifest.get('format_version')} "
+        raise ShardError(f"{path} not found; prepare the data set with `python -m data.prepare`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise ShardError(f"{path}: not a readable manifest ({e}); re-run data.prepare") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise ShardError(f"{path}: shard format version {manifest.get('format_version') if isinstance(manifest, dict) else None} "
                          f"!= {FORMAT_VERSION}; re-run data.prepare")
     return manifest
+
+
+def verify_split(split_dir: Path, entry: dict, num_classes: int, crc: bool = False) -> dict:
+    """Check a split's shards against its manifest entry before training: the shard files listed there (sizes,
+    and CRC-32 with `crc`), its sample count, ids dense, labels in 0..C-1 and the label histogram. Returns the
+    offset table; raises ShardError naming the split and what to do."""
+    split_dir = Path(split_dir)
+    listed = entry.get("shards")  # manifests written before shard lists existed carry none
+    if listed is not None:
+        on_disk = {p.name: p for p in split_dir.glob("shard-*.tar")}
+        names = [s["name"] for s in listed]
+        if missing := [n for n in names if n not in on_disk]:
+            raise ShardError(f"{split_dir}: shard {missing[0]} listed in dataset.json is missing; re-run data.prepare")
+        if extra := sorted(set(on_disk) - set(names)):
+            raise ShardError(f"{split_dir}: shard {extra[0]} is not in dataset.json (a foreign or left-over file); "
+                             "remove it or re-run data.prepare")
+        for s in listed:
+            size = os.path.getsize(on_disk[s["name"]])
+            if size != s["size"]:
+                raise ShardError(f"{split_dir / s['name']}: {size} bytes, dataset.json says {s['size']} (truncated "
+                                 "or replaced); re-run data.prepare")
+            if crc and file_crc32(on_disk[s["name"]]) != s["crc32"]:
+                raise ShardError(f"{split_dir / s['name']}: CRC-32 differs from dataset.json (damaged or replaced); "
+                                 "re-run data.prepare")
+    table = load_offset_table(split_dir)
+    n = len(table["label"])
+    if n != entry.get("count", n):
+        raise ShardError(f"{split_dir}: {n} samples in the shards, dataset.json says {entry['count']}; re-run "
+                         "data.prepare")
+    labels = table["label"]
+    if n and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = int(np.flatnonzero((labels < 0) | (labels >= num_classes))[0])
+        raise ShardError(f"{split_dir}: sample id {bad} has label {int(labels[bad])}, outside 0..{num_classes - 1} "
+                         f"(shard {table['shard_names'][table['shard'][bad]]}); re-run data.prepare")
+    histogram = entry.get("label_histogram")
+    if histogram is not None and np.bincount(labels).tolist() != list(histogram):
+        raise ShardError(f"{split_dir}: the labels in the shards do not match dataset.json's label histogram "
+                         "(shards of another preparation); re-run data.prepare")
+    return table

@@ -71,21 +71,29 @@ def parse_int_label(path: Path, number: int, token: str, num_classes: int | None
 
 def read_key_label(path: Path, num_classes: int | None) -> dict[str, int]:
     """`<key> <label>` lines -> {key: label}; a line with another shape is an error."""
-    table = {}
+    table, line_of = {}, {}
     for number, tokens in read_lines(path):
         if len(tokens) != 2:
             raise AnnotationError(
                 f"{path}:{number}: expected '<key> <label>' (2 fields split on whitespace), got {len(tokens)}")
+        if tokens[0] in table:
+            raise AnnotationError(f"{path}:{number}: duplicate key {tokens[0]!r} (first on line {line_of[tokens[0]]}); "
+                                  "each key may have one label")
         table[tokens[0]] = parse_int_label(path, number, tokens[1], num_classes)
+        line_of[tokens[0]] = number
     return table
 
 
 def read_key_list(path: Path) -> list[tuple[int, str]]:
     """One key per line -> [(line number, key)]."""
-    out = []
+    out, line_of = [], {}
     for number, tokens in read_lines(path):
         if len(tokens) != 1:
             raise AnnotationError(f"{path}:{number}: expected one key per line, got {len(tokens)} fields")
+        if tokens[0] in line_of:
+            raise AnnotationError(f"{path}:{number}: duplicate key {tokens[0]!r} (first on line {line_of[tokens[0]]}); "
+                                  "a sample listed twice would be trained twice")
+        line_of[tokens[0]] = number
         out.append((number, tokens[0]))
     return out
 
@@ -151,10 +159,14 @@ def read_synsets(path: Path) -> tuple[list[str], list[str]]:
 
 def read_file_list(path: Path, num_classes: int) -> list[tuple[int, str, int]]:
     """`<relative path> <label>` lines -> [(line, path, label)] keeping labels < num_classes."""
-    out = []
+    out, line_of = [], {}
     for number, tokens in read_lines(path):
         if len(tokens) != 2:
             raise AnnotationError(f"{path}:{number}: expected '<path> <label>', got {len(tokens)} fields")
+        if tokens[0] in line_of:
+            raise AnnotationError(f"{path}:{number}: duplicate path {tokens[0]!r} (first on line "
+                                  f"{line_of[tokens[0]]}); each image may be listed once")
+        line_of[tokens[0]] = number
         label = parse_int_label(path, number, tokens[1], None)
         if label < num_classes:
             out.append((number, tokens[0], label))
@@ -227,6 +239,8 @@ def loc_solution_wnids(path: Path) -> dict[str, str]:
         image_id, _, rest = " ".join(tokens).partition(",")
         if not rest or not re.match(r"n\d{8}", rest):
             raise AnnotationError(f"{path}:{number}: expected 'ImageId,<wnid> x y x y ...'")
+        if image_id in out:
+            raise AnnotationError(f"{path}:{number}: duplicate ImageId {image_id!r}")
         out[image_id] = rest.split()[0]
     return out
 

@@ -1,50 +1,81 @@
-"""Atomic checkpoints: written to a temporary file and renamed, so a crash never leaves a half `last.pt`.
+"""Atomic, checksummed checkpoints: written to a temporary file and renamed, so a crash never leaves a half
+`last.pt`; each carries a digest of its own contents, so a damaged file is recognised and skipped.
 
 Layout in the run folder: `checkpoints/epoch-XXXX.pt` (the newest `keep` are kept), `last.pt` and
-`best.pt` (hard links to the epoch files, or copies where links are not possible).
+`best.pt` (hard links to the epoch files, or copies where links are not possible). A resume takes the
+newest checkpoint that loads and matches its digest: `last.pt`, else the epoch files newest first.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from data.atomic import atomic_write, fsync_folder
 from index.comm import all_gather_rows
 
+from .config import UserError
 from .methods import Tables
+
+logger = logging.getLogger(__name__)
+
+
+class DamagedCheckpoint(UserError):
+    """A checkpoint that does not load, or whose contents do not match the digest written with it."""
+
+
+def state_digest(obj, h=None) -> str:
+    """SHA-256 over a checkpoint's contents: every tensor's dtype, shape and bytes, every plain value, in key
+    order. Recomputed on load, it detects flipped bytes that still unpickle."""
+    top = h is None
+    h = h or hashlib.sha256()
+    if isinstance(obj, dict):
+        for key in sorted(obj, key=str):
+            h.update(f"k{key!r}".encode())
+            state_digest(obj[key], h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"l{len(obj)}".encode())
+        for item in obj:
+            state_digest(item, h)
+    elif isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"t{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    else:
+        h.update(f"v{obj!r}".encode())
+    return h.hexdigest() if top else ""
 
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save to `path.tmp`, fsync, then os.replace."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save to a temporary file, fsync, then os.replace (data.atomic)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_link(src: Path, dst: Path) -> None:
     """Point `dst` at the same bytes as `src` (hard link, else copy), replacing it atomically."""
-    tmp = dst.with_name(dst.name + ".tmp")
-    if tmp.exists():
-        tmp.unlink()
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)
     except OSError:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+    fsync_folder(dst.parent)
 
 
 def save_checkpoint(run_dir: Path, state: dict, epoch: int, *, keep: int, is_best: bool) -> Path:
-    """Write the epoch checkpoint, update last (and best), prune old epoch files. Main process only."""
+    """Write the epoch checkpoint (with its digest), update last (and best), prune old epoch files. Main
+    process only."""
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"epoch-{epoch:04d}.pt"
-    atomic_save(state, path)
+    atomic_save({**state, "checksum": state_digest(state)}, path)
     atomic_link(path, run_dir / "last.pt")
     if is_best:
         atomic_link(path, run_dir / "best.pt")
@@ -53,11 +84,23 @@ def save_checkpoint(run_dir: Path, state: dict, epoch: int, *, keep: int, is_bes
     return path
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint with weights_only=True: tensors and plain values, never arbitrary objects."""
+def load_checkpoint(path: Path, mmap: bool = False) -> dict:
+    """Load a checkpoint with weights_only=True (tensors and plain values, never arbitrary objects) and check
+    its digest. Raises DamagedCheckpoint naming the file when it cannot be read or does not match."""
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint to resume from")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise DamagedCheckpoint(f"{path}: no such checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # a truncated zip, a flipped header, a pickle weights_only refuses, not a checkpoint
+        raise DamagedCheckpoint(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise DamagedCheckpoint(f"{path}: not a checkpoint of this project (no model state)")
+    expected = state.pop("checksum", None)
+    if expected is not None and state_digest(state) != expected:
+        raise DamagedCheckpoint(f"{path}: contents do not match the checksum written with them (damaged on disk)")
+    return state
 
 
 def find_checkpoint(run_dir: Path, which: str = "last") -> Path:
@@ -65,6 +108,42 @@ def find_checkpoint(run_dir: Path, which: str = "last") -> Path:
     if which in ("last", "best"):
         return Path(run_dir) / f"{which}.pt"
     return Path(which)
+
+
+def resume_candidates(run_dir: Path) -> list[Path]:
+    """`last.pt`, then the epoch checkpoints newest first (one entry per file on disk)."""
+    paths = [Path(run_dir) / "last.pt", *sorted((Path(run_dir) / "checkpoints").glob("epoch-*.pt"), reverse=True)]
+    seen, out = set(), []
+    for p in paths:
+        try:
+            inode = p.stat().st_ino
+        except OSError:
+            continue
+        if inode not in seen:
+            seen.add(inode)
+            out.append(p)
+    return out
+
+
+def load_resume_checkpoint(run_dir: Path, mmap: bool = False, warn: bool = True) -> tuple[Path, dict] | None:
+    """The newest good checkpoint of a run folder (path, state), falling back past damaged ones with a warning
+    for each; None when the folder has no checkpoint at all. Raises DamagedCheckpoint when every one is damaged."""
+    candidates = resume_candidates(run_dir)
+    problems = []
+    for path in candidates:
+        try:
+            state = load_checkpoint(path, mmap=mmap)
+        except DamagedCheckpoint as e:
+            problems.append(str(e))
+            continue
+        if problems and warn:
+            for p in problems:
+                logger.warning("skipping a damaged checkpoint: %s", p)
+            logger.warning("resuming from %s (epoch %d) instead", path, state["epoch"])
+        return path, state
+    if problems:
+        raise DamagedCheckpoint(f"{run_dir}: every checkpoint is damaged: " + "; ".join(problems))
+    return None
 
 
 def checkpoint_state(cfg, epoch, model, optimizer, scheduler, tables, best, accelerator, step=None) -> dict:

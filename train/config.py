@@ -29,11 +29,15 @@ class Config:
     workers: int = 0  # DataLoader worker processes per rank
     cache_images: str = "auto"  # decode every image once into memory: auto (when it fits cache_max_mb) | true | false
     cache_max_mb: int = 1024  # per process; digits ~0.1 MB, CIFAR-10 train ~150 MB, Clothing1M far beyond
+    verify_crc: bool = False  # at start, also CRC-32 every shard against dataset.json (reads the data set once;
+    #                           sizes, counts, ids and labels are always checked)
     # model
     model: str = "small_cnn"
     pretrained: str = ""  # local weights file (never downloaded) | none (from scratch) | required (a config that
     #                        pretrains, as its paper does, refuses to start until --pretrained PATH or none is given)
     drop_rate: float = 0.0
+    pretrained_strict: bool = True  # --pretrained weights must fit the model (all but the classifier, which a
+    #                                 different class count re-initialises); false: load what fits, list the rest
     channels_last: bool = False  # NHWC conv weights (timm's --channels-last): faster on CPU (oneDNN) and on GPUs
     # method
     method: str = "mixnn"  # ce | mixup | mixnn | selectmix | select | select-correct | confident-learning | dividemix
@@ -104,7 +108,8 @@ class Config:
     lr_gamma: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    mixed_precision: str = "auto"  # auto: bf16 on CUDA, none on CPU | bf16 (CUDA or CPU autocast) | no
+    mixed_precision: str = "auto"  # auto: bf16 on CUDA, none on CPU | bf16 (CUDA or CPU autocast) | no (fp16 is
+    #                                refused: it needs loss scaling, which the mixing losses are not tested with)
     # run
     seed: int = 0
     output: str = "runs"
@@ -204,7 +209,15 @@ def read_yaml(path: Path, seen: tuple = ()) -> dict:
     """A config file's values; `base: FILE` (relative to the file's folder) is read first and overridden."""
     if not path.is_file():
         raise ConfigError(f"config file {path} not found (shipped configs: {CONFIG_DIR})")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e}); a config file holds "
+                          "`key: value` lines") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path}: cannot be read ({e})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path}: expected `key: value` lines")
     base = values.pop("base", None)
@@ -224,26 +237,84 @@ def load_config(argv: list[str]) -> Config:
     overrides = parse_overrides(argv)
     cfg = Config()
     if "resume" in overrides:
-        apply(cfg, saved_settings(read_yaml(Path(overrides["resume"]) / "config.yaml")), "resumed run")
+        apply(cfg, resumed_settings(Path(overrides["resume"])), "resumed run")
     for config_file in filter(None, overrides.pop("config", "").split(",")):
         apply(cfg, read_yaml(Path(config_file)), config_file)
     return check(apply(cfg, overrides, "command line"))
 
 
-def check(cfg: Config) -> Config:
-    """Values outside their choices, and settings that are wrong together; `auto` GMM settings resolved for the
-    method (what RUN/config.yaml then records)."""
-    if cfg.cache_images not in ("auto", "true", "false"):
-        raise ConfigError(f"--cache_images must be auto, true or false, got {cfg.cache_images!r}")
-    choices = {"method": METHODS, "weights": ("clean", "avg", "random", "beta"), "partners": ("knn", "random"),
-               "neighbour_pool": ("all", "clean", "class"), "mix_start": ("warmup", "correction"),
-               "target_source": ("prediction", "refined"), "guess": ("none", "online"),
-               "gmm_loss": ("given", "corrected"), "gmm_split": ("auto", "global", "class"),
-               "gmm_scale": ("auto", "linear", "log"), "selectmix_rule": ("mismatch", "cleanlab", "precursor"),
-               "lr_schedule": ("cosine_restarts", "step")}
-    for key, allowed in choices.items():
+# (test, what it must be) per numeric key: checked before any work is done
+RANGES = {
+    "epochs": (lambda v: v >= 1, ">= 1"), "batch_size": (lambda v: v >= 1, ">= 1"),
+    "num_batches": (lambda v: v >= 0, ">= 0 (0: full passes)"), "lr": (lambda v: v > 0, "> 0"),
+    "lr_min": (lambda v: v >= 0, ">= 0"), "restart_period": (lambda v: v >= 1, ">= 1 epoch"),
+    "lr_gamma": (lambda v: v > 0, "> 0"), "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"), "eval_every": (lambda v: v >= 1, ">= 1"),
+    "keep_checkpoints": (lambda v: v >= 1, ">= 1 (the newest epoch checkpoint is what a resume needs)"),
+    "workers": (lambda v: v >= 0, ">= 0"), "warmup_epochs": (lambda v: v >= 0, ">= 0"),
+    "correction_epoch": (lambda v: v >= -1, ">= 0, or -1 (never)"),
+    "ema": (lambda v: 0 <= v < 1, "in [0, 1) (to keep the targets fixed: --correction_epoch -1)"),
+    "k": (lambda v: v >= 1, ">= 1"), "refresh_every": (lambda v: v >= 1, ">= 1"),
+    "gmm_loss_window": (lambda v: v >= 1, ">= 1"), "clean_threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "memorisation_every": (lambda v: v >= 0, ">= 0 (0: never)"), "mixup_alpha": (lambda v: v > 0, "> 0"),
+    "knn_dim": (lambda v: v >= 0, ">= 0 (0: search the full embeddings)"), "hnsw_m": (lambda v: v >= 2, ">= 2"),
+    "hnsw_ef": (lambda v: v >= 1, ">= 1"), "ivf_nprobe": (lambda v: v >= 1, ">= 1"),
+    "clustered_nprobe": (lambda v: v >= 1, ">= 1"), "recall_queries": (lambda v: v >= 1, ">= 1"),
+    "cv_folds": (lambda v: v >= 2, ">= 2"), "cv_epochs": (lambda v: v >= 1, ">= 1"),
+    "selectmix_threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "selectmix_confident": (lambda v: 0 <= v <= 1, "in [0, 1]"), "p_threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "temperature": (lambda v: v > 0, "> 0"), "sharpen": (lambda v: v > 0, "> 0"),
+    "lambda_u": (lambda v: v >= 0, ">= 0"), "rampup_epochs": (lambda v: v >= 1, ">= 1"),
+    "targets_topk": (lambda v: v >= 0, ">= 0 (0: dense targets)"), "image_size": (lambda v: v >= 0, ">= 0 (0: preset)"),
+    "cache_max_mb": (lambda v: v >= 0, ">= 0"), "drop_rate": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1) (0: no val split)"),
+}
+CHOICES = {
+    "method": METHODS, "weights": ("clean", "avg", "random", "beta"), "partners": ("knn", "random"),
+    "neighbour_pool": ("all", "clean", "class"), "mix_start": ("warmup", "correction"),
+    "target_source": ("prediction", "refined"), "guess": ("none", "online"), "gmm_loss": ("given", "corrected"),
+    "gmm_split": ("auto", "global", "class"), "gmm_scale": ("auto", "linear", "log"),
+    "selectmix_rule": ("mismatch", "cleanlab", "precursor"), "lr_schedule": ("cosine_restarts", "step"),
+    "cache_images": ("auto", "true", "false"), "metric": ("l2", "cosine"), "knn_scope": ("global", "batch"),
+    "knn_index": ("exact", "hnsw", "ivf", "clustered"), "embed_transfer": ("float32", "float16"),
+    "mixed_precision": ("auto", "bf16", "no"),
+}
+
+
+def check_values(cfg: Config) -> None:
+    """Every key against its choices and range (before any work: a typo never costs a warm-up)."""
+    if cfg.mixed_precision == "fp16":
+        raise ConfigError("--mixed_precision fp16 is not supported (it needs loss scaling); use bf16 (CUDA "
+                          "autocast, or CPU autocast) or no")
+    for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
-            raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
+            close = difflib.get_close_matches(str(getattr(cfg, key)), allowed, n=1)
+            raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}"
+                              + (f" (did you mean {close[0]!r}?)" if close else ""))
+    for key, (ok, what) in RANGES.items():
+        value = getattr(cfg, key)
+        if value != value or not ok(value):  # NaN fails every range
+            raise ConfigError(f"--{key} must be {what}, got {value!r}")
+    if any(not isinstance(s, int) and not str(s).lstrip("-").isdigit() or int(s) < 0 for s in cfg.lr_steps):
+        raise ConfigError(f"--lr_steps must be epochs (integers >= 0), got {cfg.lr_steps!r}")
+    cfg.lr_steps = [int(s) for s in cfg.lr_steps]
+    if cfg.select_split and cfg.select_split not in cfg.eval_splits:
+        raise ConfigError(f"--select_split {cfg.select_split!r} is not one of --eval_splits {cfg.eval_splits}")
+    if cfg.run_name and (cfg.run_name in (".", "..") or "/" in cfg.run_name):
+        raise ConfigError(f"--run_name {cfg.run_name!r} must be a plain folder name (use --output for the parent)")
+    from data.noise import parse_noise  # data knows nothing of train; the check borrows its parser
+    try:
+        parse_noise(cfg.noise)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    from .models import check_model_name  # models import this module
+    check_model_name(cfg.model)
+
+
+def check(cfg: Config) -> Config:
+    """Values outside their choices and ranges, and settings that are wrong together; `auto` GMM settings
+    resolved for the method (what RUN/config.yaml then records)."""
+    check_values(cfg)
     cfg.gmm_split, cfg.gmm_scale = gmm_setting(cfg)
     defaults = Config()
     if cfg.method != "dividemix":
@@ -254,19 +325,10 @@ def check(cfg: Config) -> Config:
         raise ConfigError(f"--guess {cfg.guess} works with --method {', '.join(GUESSING)}, not {cfg.method}")
     if cfg.select_mixup and cfg.method != "select-correct":
         raise ConfigError(f"--select_mixup works with --method select-correct, not {cfg.method}")
-    if cfg.temperature <= 0 or not 0 <= cfg.p_threshold <= 1:
-        raise ConfigError(f"--temperature must be > 0 and --p_threshold in [0, 1], got {cfg.temperature}, "
-                          f"{cfg.p_threshold}")
-    if cfg.sharpen <= 0:
-        raise ConfigError(f"--sharpen must be > 0, got {cfg.sharpen}")
     if cfg.pretrained == "required":
         raise ConfigError(f"{cfg.model} for {cfg.dataset} starts from ImageNet weights, as the paper does: pass "
                           "--pretrained PATH (a local .pth or .safetensors file; nothing is downloaded), or "
                           "--pretrained none to train from scratch on purpose")
-    if cfg.refresh_every < 1:
-        raise ConfigError(f"--refresh_every must be >= 1, got {cfg.refresh_every}")
-    if cfg.knn_dim < 0:
-        raise ConfigError(f"--knn_dim must be >= 0 (0: search the full embeddings), got {cfg.knn_dim}")
     if cfg.refresh_every > 1 and cfg.num_batches > 0:
         raise ConfigError("--refresh_every > 1 needs full-pass epochs (num_batches 0): a class-balanced draw "
                           "changes the epoch's samples, and those outside the last refresh would have no neighbours")
@@ -285,6 +347,27 @@ def saved_settings(values: dict) -> dict:
     return {**{k: v for k, v in FIRST_DEFAULTS.items() if k not in values}, **values}
 
 
+def resumed_settings(run_dir: Path) -> dict:
+    """A resumed run's settings: those saved in the checkpoint it resumes from (RUN/config.yaml is a copy for
+    people), else config.yaml (a run stopped in its cross-validation stage, before its first checkpoint)."""
+    from .checkpoint import load_resume_checkpoint  # checkpoint imports this module
+
+    if not run_dir.is_dir():
+        raise ConfigError(f"--resume {run_dir}: no such run folder")
+    found = load_resume_checkpoint(run_dir, mmap=True, warn=False)
+    if found is not None:
+        return saved_settings(found[1]["config"])
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--resume {run_dir}: neither a checkpoint nor config.yaml there; name the folder of an "
+                          "interrupted run, or drop --resume to start a new one")
+    values = read_yaml(path)
+    if "method" not in values:
+        raise ConfigError(f"{path}: empty or incomplete (no `method`), and the run has no checkpoint to take its "
+                          "settings from; start the run again")
+    return saved_settings(values)
+
+
 def config_of_checkpoint(state: dict) -> Config:
     """The run's configuration as saved in a checkpoint (keys this version no longer knows are dropped, keys it
     did not know yet take their first default)."""
@@ -292,5 +375,8 @@ def config_of_checkpoint(state: dict) -> Config:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    """Write the resolved configuration (`config.yaml` in the run folder) so the run can be repeated."""
-    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    """Write the resolved configuration (`config.yaml` in the run folder, atomically) so the run can be
+    repeated."""
+    from data.atomic import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from accelerate.logging import get_logger
 
-from index.comm import gather_by_id
+from index.comm import all_gather_rows, gather_by_id
 
+from .checkpoint import DamagedCheckpoint, atomic_save, load_checkpoint, state_digest
 from .config import Config
 from .dataset import Data
 from .epoch import run_epoch
@@ -31,23 +32,74 @@ def predict_held_out(cfg: Config, model, data: Data, held: np.ndarray, accelerat
     return gather_by_id(stats.ids, stats.probs, len(data.train))
 
 
-def train_fold(cfg: Config, fold: int, folds: np.ndarray, data: Data, accelerator, num_classes: int) -> np.ndarray:
+class StageStopped(Exception):
+    """The cross-validation stage stopped at a signal; its fold state is saved and a resume continues it."""
+
+    def __init__(self, fold: int, epoch: int, step: int):
+        super().__init__(f"fold {fold} epoch {epoch} step {step}")
+        self.fold, self.epoch, self.step = fold, epoch, step
+
+
+def partial_fold_file(run_dir: Path, fold: int) -> Path:
+    return run_dir / "selectmix" / f"fold-{fold}.partial.pt"
+
+
+def save_partial_fold(path: Path, model, optimizer, scheduler, position: dict, accelerator) -> None:
+    """A stopped fold's model, optimizer, scheduler, position (epoch, step, best so far) and every rank's RNG."""
+    rng = all_gather_rows(torch.get_rng_state().numpy()[None])
+    state = {"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "rng": [torch.from_numpy(r[0]) for r in rng], **position}
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save({**state, "checksum": state_digest(state)}, path)
+    accelerator.wait_for_everyone()
+
+
+def restore_partial_fold(path: Path, model, optimizer, scheduler, accelerator) -> dict | None:
+    """The saved position of a stopped fold (its objects restored), or None to start the fold afresh."""
+    if not path.is_file():
+        return None
+    try:
+        state = load_checkpoint(path)
+    except DamagedCheckpoint as e:
+        logger.warning("%s; the fold starts again", e, main_process_only=True)
+        return None
+    accelerator.unwrap_model(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if len(state["rng"]) == accelerator.num_processes:
+        torch.set_rng_state(state["rng"][accelerator.process_index])
+    return state
+
+
+def train_fold(cfg: Config, fold: int, folds: np.ndarray, data: Data, accelerator, num_classes: int, run_dir: Path,
+               stop=None) -> np.ndarray:
     """Train fold `fold`'s model on the other folds; its held-out softmax [n_held, C] at the epoch of best
-    held-out accuracy against the given (noisy) labels (`cv_best_epoch`), else at the last epoch."""
+    held-out accuracy against the given (noisy) labels (`cv_best_epoch`), else at the last epoch. A `stop`
+    request ends it after the current step: its state goes to `fold-K.partial.pt` and StageStopped is raised."""
     labels = data.train.labels
     fold_cfg = dataclasses.replace(cfg, warmup_epochs=cfg.cv_epochs, restart_period=cfg.cv_epochs,
                                    memorisation_every=0)
     torch.manual_seed(cfg.seed * 1000 + fold)
     model = create_model(cfg.model, num_classes, data.input_shape[0], pretrained=cfg.pretrained,
-                         drop_rate=cfg.drop_rate, channels_last=cfg.channels_last)
+                         drop_rate=cfg.drop_rate, channels_last=cfg.channels_last, pretrained_strict=cfg.pretrained_strict)
     optimizer, scheduler = create_optimizer(fold_cfg, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     tables = Tables(SoftTargets(labels, num_classes))
     held = np.flatnonzero(folds == fold)
-    best, best_acc = None, -1.0
-    for epoch in range(cfg.cv_epochs):
-        run_epoch(fold_cfg, epoch, model, optimizer, CrossEntropy(), data, tables, accelerator,
-                  subset=np.flatnonzero(folds != fold))
+    partial = partial_fold_file(run_dir, fold)
+    saved = restore_partial_fold(partial, model, optimizer, scheduler, accelerator)
+    start, step = (saved["epoch"], saved["step"]) if saved else (0, 0)
+    best = saved["best"].numpy() if saved and saved["best"] is not None else None
+    best_acc = float(saved["best_acc"]) if saved else -1.0
+    for epoch in range(start, cfg.cv_epochs):
+        metrics = run_epoch(fold_cfg, epoch, model, optimizer, CrossEntropy(), data, tables, accelerator, stop=stop,
+                            start_step=step if epoch == start else 0, subset=np.flatnonzero(folds != fold))
+        if metrics["stopped_at"] is not None:
+            position = {"epoch": epoch, "step": metrics["stopped_at"], "best_acc": best_acc,
+                        "best": None if best is None else torch.from_numpy(best)}
+            save_partial_fold(partial, model, optimizer, scheduler, position, accelerator)
+            raise StageStopped(fold, epoch, metrics["stopped_at"])
         scheduler.step()
         if cfg.cv_best_epoch or epoch + 1 == cfg.cv_epochs:
             probs = predict_held_out(cfg, model, data, held, accelerator)[held]
@@ -60,15 +112,17 @@ def train_fold(cfg: Config, fold: int, folds: np.ndarray, data: Data, accelerato
     return best
 
 
-def out_of_sample_probabilities(cfg: Config, data: Data, accelerator, run_dir: Path, num_classes: int) -> np.ndarray:
+def out_of_sample_probabilities(cfg: Config, data: Data, accelerator, run_dir: Path, num_classes: int,
+                                stop=None) -> np.ndarray:
     """Out-of-sample softmax [N, C] from K fold models trained on the other folds (SelectMix stage 1;
     Confident Learning). Each finished fold is saved in the run folder and not retrained after a crash."""
     folds = stratified_folds(data.train.labels, cfg.cv_folds, cfg.seed)
     for fold in range(cfg.cv_folds):
         if fold_file(run_dir, fold).is_file():
             continue
-        probs = train_fold(cfg, fold, folds, data, accelerator, num_classes)
+        probs = train_fold(cfg, fold, folds, data, accelerator, num_classes, run_dir, stop)
         if accelerator.is_main_process:
             save_fold(run_dir, fold, np.flatnonzero(folds == fold), probs)
+            partial_fold_file(run_dir, fold).unlink(missing_ok=True)
         accelerator.wait_for_everyone()
     return load_folds(run_dir, cfg.cv_folds, len(data.train), num_classes)

@@ -8,7 +8,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 
 from data.reader import ShardDataset
-from data.shards import read_manifest
+from data.shards import ShardError, read_manifest, verify_split
 from data.transforms import EvalTransform, TrainTransform, get_preset
 
 from .config import Config, UserError
@@ -53,14 +53,26 @@ def ensure_prepared(cfg: Config, accelerator: Accelerator) -> Path:
 def load_data(cfg: Config, accelerator: Accelerator) -> Data:
     """Open the training split (augmenting and plain views) and the eval splits; cache small ones decoded."""
     root = ensure_prepared(cfg, accelerator)
-    manifest = read_manifest(root)
-    for split in [cfg.train_split, *cfg.eval_splits]:
-        if split not in manifest["splits"]:
-            raise UserError(f"{root} has no split {split!r} (it has {', '.join(manifest['splits'])}); prepare it "
-                            "(a noisy val split: data.prepare --val-fraction F) or change --eval_splits/--train_split")
-    preset = get_preset(cfg.dataset, cfg.image_size or None)
-    train = ShardDataset(root / cfg.train_split, TrainTransform(preset=preset), preset.mode)
-    evals = {s: ShardDataset(root / s, EvalTransform(preset=preset), preset.mode) for s in cfg.eval_splits}
+    try:
+        manifest = read_manifest(root)
+        for split in [cfg.train_split, *cfg.eval_splits]:
+            if split not in manifest["splits"]:
+                raise UserError(f"{root} has no split {split!r} (it has {', '.join(manifest['splits'])}); prepare "
+                                "it (a noisy val split: data.prepare --val-fraction F) or change "
+                                "--eval_splits/--train_split")
+            verify_split(root / split, manifest["splits"][split], manifest["num_classes"], crc=cfg.verify_crc)
+        preset = get_preset(cfg.dataset, cfg.image_size or None)
+        train = ShardDataset(root / cfg.train_split, TrainTransform(preset=preset), preset.mode)
+        evals = {s: ShardDataset(root / s, EvalTransform(preset=preset), preset.mode) for s in cfg.eval_splits}
+    except ShardError as e:
+        raise UserError(str(e)) from None
+    if cfg.batch_size > len(train):
+        raise UserError(f"--batch_size {cfg.batch_size} is larger than the training split ({len(train)} samples "
+                        f"in {root / cfg.train_split}): every sample would be drawn several times a step; use a "
+                        "smaller batch")
+    if cfg.batch_size % accelerator.num_processes:
+        raise UserError(f"--batch_size {cfg.batch_size} (global) must be a multiple of the {accelerator.num_processes} "
+                        "processes")
     cache_images(cfg, [train, *evals.values()])
     plain = train.with_transform(EvalTransform(preset=preset))  # shares the cache
     return Data(root, manifest, train, plain, evals, (1 if preset.mode == "L" else 3, preset.size, preset.size))

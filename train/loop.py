@@ -92,12 +92,33 @@ def method_loss(method, tables: Tables, seed: int, model, prior: bool = False):
     return step_loss
 
 
+class Diverged(RuntimeError):
+    """The training loss became non-finite on some rank; raised on every rank before the step is applied."""
+
+    def __init__(self, step: int, value: float):
+        super().__init__(f"non-finite training loss ({value}) at step {step}")
+        self.step, self.value = step, value
+
+
+def step_flags(loss: torch.Tensor, stop) -> tuple[bool, bool]:
+    """(some rank's loss is not finite, some rank asked to stop): one all-reduce of two flags per step."""
+    flags = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0,
+                          1.0 if stop is not None and stop.requested else 0.0])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_backend() == "nccl":
+            flags = flags.cuda()
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return bool(flags[0] > 0), bool(flags[1] > 0)
+
+
 def train_one_epoch(model, optimizer, step_loss, loader, accelerator, input_shape, progress: bool = False,
                     stop=None, start_step: int = 0) -> dict:
     """One pass over the loader: `step_loss(batch, step)` -> (loss, images it counts) or (None, 0), SGD step.
 
     A batch with no readable image still takes a zero-loss step, so DDP's all-reduce runs on every rank.
-    With a `stop` flag, every rank checks it after each step; `stopped_at` is then the next step to run.
+    Before each backward pass the ranks agree on two flags: a non-finite loss anywhere raises `Diverged` on
+    every rank (the weights keep the last finite step), and a `stop` request ends the pass after this step;
+    `stopped_at` is then the next step to run.
     """
     model.train()
     total, count, skipped, wait, t0 = 0.0, 0, 0, 0.0, time.perf_counter()
@@ -114,12 +135,15 @@ def train_one_epoch(model, optimizer, step_loss, loader, accelerator, input_shap
                 loss, n = step_loss(batch, step)
             if loss is None:
                 loss = zero_loss_step(model, (2, *input_shape), accelerator)
+        nonfinite, stopping = step_flags(loss, stop)
+        if nonfinite:
+            raise Diverged(step, loss.item())
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
         total += loss.item() * n
         count += n
-        if stop is not None and stop.agreed():
+        if stopping:
             stopped_at = step + 1
             break
         fetched = time.perf_counter()

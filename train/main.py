@@ -22,17 +22,21 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.logging import get_logger
 
-from .checkpoint import checkpoint_state, find_checkpoint, load_checkpoint, restore, save_checkpoint
+from data.atomic import WriteFailed
+
+from .checkpoint import checkpoint_state, load_resume_checkpoint, restore, save_checkpoint
 from .config import Config, UserError, load_config, save_config
-from .crossval import out_of_sample_probabilities
+from .crossval import StageStopped, out_of_sample_probabilities
 from .dataset import Data, load_data
 from .dividemix import run_dividemix_epoch
 from .epoch import evaluate_splits, run_epoch, update_best
+from .loop import Diverged
 from .methods import NEEDS_CROSS_VALIDATION, Tables, create_method
 from .models import create_run_model
 from .optim import create_optimizer
 from .preempt import StopFlag
 from .report import write_report
+from .runfolder import claim_run_dir, finished_summary
 from .runlog import RunLog, final_summary, format_epoch
 from .targets import SoftTargets
 
@@ -59,13 +63,13 @@ def resolve_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
     return Path(cfg.output) / name[0]
 
 
-def create_run_method(cfg: Config, data: Data, accelerator, run_dir: Path, num_classes: int):
+def create_run_method(cfg: Config, data: Data, accelerator, run_dir: Path, num_classes: int, stop=None):
     """The method object; SelectMix and Confident Learning first run (or reload) the cross-validation stage."""
     if cfg.method == "dividemix":
         return None  # the epoch is the method (train.dividemix)
     oos = None
     if cfg.method in NEEDS_CROSS_VALIDATION:
-        oos = out_of_sample_probabilities(cfg, data, accelerator, run_dir, num_classes)
+        oos = out_of_sample_probabilities(cfg, data, accelerator, run_dir, num_classes, stop)
     return create_method(cfg, data.train.labels, num_classes, oos)
 
 
@@ -84,39 +88,63 @@ class Run:
     start: int = 0  # epoch to continue at
     step: int = 0  # step of that epoch (mid-epoch checkpoint of a preempted run)
     best: dict = field(default_factory=lambda: {"metric": -1.0, "epoch": -1})
+    partial: dict = field(default_factory=dict)  # scalars a preempted epoch logged before it stopped
+    lock: object = None  # the run folder's lock (main process)
+    finished: dict | None = None  # the saved summary of a run that already trained all its epochs
+
+
+def on_main_process(accelerator: Accelerator, fn):
+    """`fn()` on the main process; a UserError there is raised on every rank (no rank is left waiting)."""
+    result, error = None, [""]
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except UserError as e:
+            error = [str(e)]
+    if accelerator.num_processes > 1:
+        torch.distributed.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise UserError(error[0])
+    return result
 
 
 def start_run(cfg: Config) -> Run:
-    """Accelerator, data, model, optimizer and per-sample tables; a resumed run restores all of them."""
+    """Accelerator, run folder (locked), data, model, optimizer and per-sample tables; a resumed run restores
+    all of them from its newest good checkpoint."""
     accelerator = create_accelerator(cfg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     run_dir = resolve_run_dir(cfg, accelerator)
+    lock = on_main_process(accelerator, lambda: claim_run_dir(run_dir, bool(cfg.resume)))
+    found = load_resume_checkpoint(run_dir) if cfg.resume else None
+    if cfg.resume and found is None:
+        check_resumable(run_dir)
+    if found is not None and (done := finished_summary(run_dir, cfg.epochs, found[1]["epoch"])) is not None:
+        return Run(cfg, accelerator, run_dir, None, None, None, None, None, lock=lock, finished=done)
     data = load_data(cfg, accelerator)
     cfg = dataclasses.replace(cfg, data=str(data.root.resolve()))  # the run folder names its data exactly
     torch.manual_seed(cfg.seed)  # same initial weights everywhere; a resumed run restores its RNG below
     num_classes = data.manifest["num_classes"]
-    model = create_run_model(cfg, num_classes, data.input_shape[0], pretrained=cfg.pretrained, drop_rate=cfg.drop_rate)
+    model = create_run_model(cfg, num_classes, data.input_shape[0], pretrained=cfg.pretrained, drop_rate=cfg.drop_rate,
+                             pretrained_strict=cfg.pretrained_strict)
     optimizer, scheduler = create_optimizer(cfg, model)
     model, optimizer = accelerator.prepare(model, optimizer)  # loaders stay ours: ids are split by the plan
     run = Run(cfg, accelerator, run_dir, data, model, optimizer, scheduler,
-              Tables(SoftTargets(data.train.labels, num_classes, cfg.targets_topk)))
-    if cfg.resume:
-        check_resumable(run_dir)
-    if cfg.resume and find_checkpoint(run_dir).is_file():
-        run.start, run.step, run.best = restore(load_checkpoint(find_checkpoint(run_dir)), model, optimizer,
-                                                scheduler, run.tables, accelerator)
-        logger.info("resumed %s at epoch %d step %d", run_dir, run.start, run.step)
+              Tables(SoftTargets(data.train.labels, num_classes, cfg.targets_topk)), lock=lock)
+    if found is not None:
+        path, state = found
+        run.start, run.step, run.best = restore(state, model, optimizer, scheduler, run.tables, accelerator)
+        run.partial = dict(state.get("partial_metrics") or {})
+        logger.info("resumed %s from %s at epoch %d step %d", run_dir, path.name, run.start, run.step)
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(dataclasses.replace(cfg, resume=""), run_dir / "config.yaml")
     return run
 
 
 def check_resumable(run_dir: Path) -> None:
     """`--resume RUN` needs a checkpoint, or a cross-validation stage under way (its finished folds)."""
-    if not find_checkpoint(run_dir).is_file() and not any((run_dir / "selectmix").glob("fold-*.npz")):
-        raise UserError(f"--resume {run_dir}: no checkpoint there ({find_checkpoint(run_dir).name} is missing); "
+    if not any((run_dir / "selectmix").glob("fold-*")):
+        raise UserError(f"--resume {run_dir}: no checkpoint there (last.pt is missing); "
                         "name the run folder of an interrupted run, or drop --resume to start a new one")
 
 
@@ -125,19 +153,31 @@ def train(cfg: Config) -> dict:
     evaluate, keep the best checkpoint by `select_split`, log; returns the final summary."""
     started = time.perf_counter()
     run = start_run(cfg)
+    if run.finished is not None:
+        return already_finished(run)
     cfg, accelerator, tables = run.cfg, run.accelerator, run.tables
     log = RunLog(run.run_dir, accelerator, cfg)
     stop = StopFlag().install()  # before the cross-validation stage: a signal there is honoured at the first step
-    method = create_run_method(cfg, run.data, accelerator, run.run_dir, run.data.manifest["num_classes"])
+    try:
+        method = create_run_method(cfg, run.data, accelerator, run.run_dir, run.data.manifest["num_classes"], stop)
+    except StageStopped as e:
+        return stage_stopped(run, e, stop)
     select = cfg.select_split or (cfg.eval_splits[0] if cfg.eval_splits else "")
     metrics = {}
     epoch_fn = run_dividemix_epoch if cfg.method == "dividemix" else run_epoch
     for epoch in range(run.start, cfg.epochs):
-        metrics = epoch_fn(cfg, epoch, run.model, run.optimizer, method, run.data, tables, accelerator, stop,
-                            run.step if epoch == run.start else 0)
+        try:
+            metrics = epoch_fn(cfg, epoch, run.model, run.optimizer, method, run.data, tables, accelerator, stop,
+                               run.step if epoch == run.start else 0)
+        except Diverged as e:
+            raise diverged(run, epoch, e.step) from None
+        if epoch == run.start and run.step:  # the scalars the preempted part of this epoch logged (its refresh)
+            metrics = {**run.partial, **metrics}
         if metrics["stopped_at"] is not None:
-            return preempted(run, epoch, metrics["stopped_at"], stop)
+            return preempted(run, epoch, metrics, stop)
         metrics.update(evaluate_splits(cfg, epoch, run.model, run.data, accelerator))
+        if not all(bool(torch.isfinite(p).all()) for p in run.model.parameters()):
+            raise diverged(run, epoch, None)
         run.scheduler.step()
         run.best, is_best = update_best(run.best, metrics, select)
         t0 = time.perf_counter()
@@ -148,6 +188,7 @@ def train(cfg: Config) -> dict:
         log.write(metrics, tables, run.data.train)
         logger.info(format_epoch(metrics), main_process_only=True)
         accelerator.wait_for_everyone()
+    metrics = metrics or log.last_row()  # nothing left to train: the last logged epoch (final.json was lost)
     metrics["train_seconds_total"] = time.perf_counter() - started  # this process's wall time, stage included
     summary = final_summary(cfg, run.run_dir, metrics, run.best, accelerator, log)
     if accelerator.is_main_process and metrics:
@@ -159,27 +200,62 @@ def train(cfg: Config) -> dict:
 
 
 def main(argv=None) -> dict:
-    """Entry point. A user's mistake prints one `error: ...` line (first rank) and exits 2, without a
-    traceback; bugs keep theirs."""
+    """Entry point. A user's mistake or a bad input file prints one `error: ...` line (first rank) and exits 2,
+    without a traceback; Ctrl-C checkpoints and exits 130; bugs keep their traceback."""
     try:
-        return train(load_config(sys.argv[1:] if argv is None else argv))
-    except UserError as e:
+        summary = train(load_config(sys.argv[1:] if argv is None else argv))
+    except (UserError, WriteFailed) as e:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            print(f"error: {e.strerror if isinstance(e, WriteFailed) else e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    if summary.get("exit_code"):
+        raise SystemExit(summary["exit_code"])
+    return summary
 
 
-def preempted(run: Run, epoch: int, step: int, stop) -> dict:
-    """Write the mid-epoch checkpoint (`last.pt`) and leave; the batch script requeues the job."""
+def already_finished(run: Run) -> dict:
+    """A resubmitted finished run: nothing is trained or rewritten."""
+    if run.accelerator.is_main_process:
+        print(f"run {run.run_dir} already finished ({run.finished.get('epochs')} epochs); its results are kept in "
+              f"{run.run_dir / 'final.json'} (nothing to do; raise --epochs to train further)", flush=True)
+    run.accelerator.end_training()
+    return run.finished
+
+
+def diverged(run: Run, epoch: int, step: int | None) -> UserError:
+    """The one-line error of a run whose loss or weights became non-finite; no checkpoint of it is written."""
+    where = f"epoch {epoch} step {step}" if step is not None else f"the end of epoch {epoch} (the weights)"
+    kept = f"checkpoint of epoch {run.start - 1 if epoch == run.start else epoch - 1}" if epoch else "no checkpoint"
+    return UserError(f"training diverged: non-finite values at {where} (lr {run.cfg.lr:g}); nothing of this "
+                     f"epoch was saved and the run folder keeps its last good {kept}; lower --lr or "
+                     f"check the data, then start again or --resume {run.run_dir}")
+
+
+def stage_stopped(run: Run, stopped: StageStopped, stop) -> dict:
+    """The cross-validation stage stopped at a signal (its fold state is saved): leave as a preempted run does."""
+    if run.accelerator.is_main_process:
+        print(f"preempted by {stop.signal_name or 'a signal on another rank'} in the cross-validation stage at "
+              f"{stopped}; resume with --resume {run.run_dir}", flush=True)
+    run.accelerator.end_training()
+    return {"preempted": True, "stage": str(stopped), "exit_code": stop.exit_code}
+
+
+def preempted(run: Run, epoch: int, metrics: dict, stop) -> dict:
+    """Write the mid-epoch checkpoint (`last.pt`, with the scalars logged so far this epoch) and leave; the
+    batch script requeues the job (exit 0), or Ctrl-C exits 130."""
+    step = metrics["stopped_at"]
+    partial = {k: v for k, v in metrics.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "stopped_at"}
     state = checkpoint_state(run.cfg, epoch, run.model, run.optimizer, run.scheduler, run.tables, run.best,
                              run.accelerator, step=step)
+    state["partial_metrics"] = partial
     if run.accelerator.is_main_process:
         save_checkpoint(run.run_dir, state, epoch, keep=run.cfg.keep_checkpoints, is_best=False)
         print(f"preempted by {stop.signal_name or 'a signal on another rank'}: checkpoint at epoch {epoch} "
               f"step {step} in {run.run_dir / 'last.pt'}; resume with --resume {run.run_dir}", flush=True)
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
-    return {"preempted": True, "epoch": epoch, "step": step}
+    return {"preempted": True, "epoch": epoch, "step": step, "exit_code": stop.exit_code}
 
 
 if __name__ == "__main__":

@@ -141,33 +141,70 @@ def preact_resnet18(pretrained=False, **kwargs):
     return PreActResNet18(**timm_kwargs(kwargs))
 
 
-def load_local_weights(model: nn.Module, path: str) -> None:
-    """Load a local state dict (.pth/.pt via weights_only, or .safetensors); the classifier is
-    re-initialised when its shape differs (e.g. ImageNet 1000 classes -> 14)."""
+def read_weights(file: Path) -> dict:
+    """A local weights file as a {name: tensor} dict (.safetensors, or .pth/.pt through weights_only; a
+    checkpoint's `state_dict` / `model` entry); anything else is a UserError naming the file."""
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(file))
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a weights file, a damaged one, or a pickle that weights_only refuses
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise UserError(f"--pretrained {file}: cannot be read as {'safetensors' if file.suffix == '.safetensors' else 'PyTorch'} "
+                        f"weights ({type(e).__name__}: {first}); name a state dict saved with torch.save or "
+                        "safetensors (pickled Python objects are never loaded)") from None
+    if isinstance(state, dict):
+        state = state.get("state_dict", state.get("model", state))
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"--pretrained {file}: holds no {{name: tensor}} state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_local_weights(model: nn.Module, path: str, strict: bool = True) -> None:
+    """Load a local state dict into `model`. The classifier is re-initialised when its shape differs (e.g.
+    ImageNet's 1000 classes -> 14); any other tensor that is missing, unexpected or of another shape is an
+    error (`strict`), or is listed in the log and left as initialised (`strict=False`)."""
     file = Path(path)
     if not file.is_file():
         raise UserError(f"--pretrained {path}: file not found (weights are never downloaded; name a local "
                         ".pth/.pt/.safetensors file)")
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(file))
-    else:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    state = read_weights(file)
     own = model.state_dict()
-    dropped = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
-    for k in dropped:
+    head = {f"{name}.{p}" for name, m in model.named_modules() if m is model.get_classifier()
+            for p, _ in m.named_parameters(recurse=False)}
+    wrong_shape = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state and k not in head]
+    unexpected = [k for k in state if k not in own]
+    problems = [k for k in wrong_shape if k not in head] + missing + unexpected
+    if problems and strict:
+        detail = "; ".join(f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})"
+                           for what, keys in (("other shape", [k for k in wrong_shape if k not in head]),
+                                              ("missing", missing), ("unexpected", unexpected)) if keys)
+        raise UserError(f"--pretrained {path} does not fit {type(model).__name__} ({detail}); name weights of this "
+                        "architecture, or pass --pretrained_strict false to load only the tensors that fit")
+    for k in wrong_shape:
         del state[k]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    logger.info("loaded %s: %d tensors, re-initialised %s, missing %s, unexpected %s",
-                path, len(state), dropped, missing, unexpected)
-    if len(missing) > len(dropped) + 2:  # more than a classifier weight + bias missing
-        raise ValueError(f"--pretrained {path} does not fit model: missing {missing[:5]}...")
+    model.load_state_dict(state, strict=False)
+    logger.info("loaded %s: %d tensors; re-initialised %s; not loaded: %s", path, len(state), wrong_shape,
+                missing + unexpected)
+
+
+def check_model_name(name: str) -> None:
+    """A UserError (with close names) for a model timm does not know."""
+    if timm.is_model(name):
+        return
+    import difflib
+
+    close = difflib.get_close_matches(name, timm.list_models(), n=3)
+    raise UserError(f"--model {name!r}: unknown model" + (f" (did you mean {', '.join(close)}?)" if close else
+                    "; timm.list_models() lists the names"))
 
 
 def create_model(name: str, num_classes: int, in_chans: int, *, pretrained: str = "", drop_rate: float = 0.0,
-                 channels_last: bool = False):
+                 channels_last: bool = False, pretrained_strict: bool = True):
     """A timm model with random init (never downloads), then optional local weights.
 
     `channels_last` stores the conv weights NHWC (timm's `--channels-last`); convolutions then run NHWC
@@ -177,7 +214,7 @@ def create_model(name: str, num_classes: int, in_chans: int, *, pretrained: str 
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
                               drop_rate=drop_rate)
     if pretrained and pretrained != "none":  # "none": from scratch on purpose (a config may require a choice)
-        load_local_weights(model, pretrained)
+        load_local_weights(model, pretrained, strict=pretrained_strict)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.tracking import TensorBoardTracker
 
+from data.atomic import atomic_write_text
 from data.reader import ShardDataset
 
 from .config import Config
@@ -43,6 +45,7 @@ class RunLog:
         self.unreadable = {}  # sample id -> (source key, first error); kept across a resume in the run folder
         if self.unreadable_path.is_file():
             self.unreadable = {int(r["id"]): (r["source"], r["error"]) for r in csv.DictReader(self.unreadable_path.open())}
+        self.rows = list(csv.DictReader(self.path.open())) if self.path.is_file() else []  # earlier epochs' rows
         if accelerator.is_main_process:
             accelerator.log_with = [TensorBoardTracker("tb", str(run_dir))]
         accelerator.init_trackers("tb", config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
@@ -65,19 +68,24 @@ class RunLog:
             self.tensorboard().add_figure("gmm/loss_histogram", gmm_figure(fit, noisy, metrics["epoch"]),
                                           metrics["epoch"])
         self.histograms(metrics["epoch"], tables, train)
-        rows = list(csv.DictReader(self.path.open())) if self.path.is_file() else []
-        rows = [r for r in rows if int(r["epoch"]) < metrics["epoch"]] + [metrics]  # resumed: drop redone epochs
-        fields = list(dict.fromkeys(k for r in rows for k in r))
-        with self.path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
+        self.rows = [r for r in self.rows if int(r["epoch"]) < metrics["epoch"]] + [metrics]  # resumed: redone
+        self.write_rows()
+
+    def write_rows(self) -> None:
+        """summary.csv rewritten whole and replaced atomically: a kill or a full disk at any moment leaves
+        every earlier row in place."""
+        fields = list(dict.fromkeys(k for r in self.rows for k in r))
+        atomic_write_text(self.path, csv_text(fields, self.rows))
+
+    def last_row(self) -> dict:
+        """The last epoch's scalars as logged (numbers parsed), {} before the first epoch."""
+        if not self.rows:
+            return {}
+        return {k: float(v) if v not in ("", None) else v for k, v in self.rows[-1].items()}
 
     def write_unreadable(self) -> None:
-        with self.unreadable_path.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["id", "source", "error"])
-            writer.writerows([i, *self.unreadable[i]] for i in sorted(self.unreadable))
+        rows = [{"id": i, "source": s, "error": e} for i, (s, e) in sorted(self.unreadable.items())]
+        atomic_write_text(self.unreadable_path, csv_text(["id", "source", "error"], rows))
 
     def tensorboard(self):
         """The SummaryWriter (main process), for figures."""
@@ -93,6 +101,14 @@ class RunLog:
                            ("truly_noisy", known & (train.labels != train.true_labels))):
             if mask.any():
                 writer.add_histogram(f"clean_probability/{name}", tables.clean[mask], epoch)
+
+
+def csv_text(fields: list[str], rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
 
 
 def format_epoch(m: dict) -> str:
@@ -112,7 +128,7 @@ def final_summary(cfg: Config, run_dir: Path, metrics: dict, best: dict, acceler
                "unreadable_train_samples": len(log.unreadable),
                "train_seconds_total": metrics.get("train_seconds_total")}
     if accelerator.is_main_process:
-        (run_dir / "final.json").write_text(json.dumps(summary, indent=1) + "\n")
+        atomic_write_text(run_dir / "final.json", json.dumps(summary, indent=1) + "\n")
         print(f"\nrun {run_dir} finished ({cfg.method}, {cfg.epochs} epochs)")
         for k in keys:
             print(f"  {k:28s} {metrics[k]:.4f}")

@@ -10,8 +10,8 @@ TRAIN_ARGS=("$@")
 mkdir -p "$RUN_DIR"
 exec >>"$RUN_DIR/slurm-${SLURM_JOB_ID}.log" 2>&1
 echo "=== job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST at $(date)"
-if [ -f "$RUN_DIR/last.pt" ]; then
-    echo "resuming from $RUN_DIR/last.pt"
+if [ -f "$RUN_DIR/last.pt" ] || [ -f "$RUN_DIR/config.yaml" ]; then
+    echo "resuming $RUN_DIR"
     TRAIN_ARGS=(--resume "$RUN_DIR" "${TRAIN_ARGS[@]}")
 else
     TRAIN_ARGS=(--output "$(dirname "$RUN_DIR")" --run_name "$(basename "$RUN_DIR")" "${TRAIN_ARGS[@]}")

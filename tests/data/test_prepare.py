@@ -61,11 +61,14 @@ def test_clothing1m_image_bytes_unchanged_and_resize(tmp_path):
     assert min(small.load_image(0).size) == 5
 
 
-def test_too_many_skips_fails_with_manifest(tmp_path):
+def test_too_many_skips_fails_and_writes_nothing_but_the_skip_report(tmp_path):
     make_clothing1m(tmp_path / "raw")
     with pytest.raises(TooManySkipped, match="max-skip-fraction"):
         run_prepare("clothing1m", "--root", tmp_path / "raw", "--out", tmp_path / "s")
-    assert (tmp_path / "s" / "dataset.json").is_file()
+    assert not (tmp_path / "s" / "dataset.json").exists() and not (tmp_path / "s" / "train").exists()
+    reasons = {item["reason"].split(":")[0] for item in json.loads((tmp_path / "s" / "skipped-train.json").read_text())}
+    assert reasons == {"missing", "undecodable"}
+    assert not list((tmp_path / "s").glob(".prepare-*"))  # the staging folder is gone
 
 
 def test_malformed_annotation_names_file_and_line(tmp_path, caplog):

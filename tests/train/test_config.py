@@ -52,7 +52,7 @@ def test_settings_wrong_together_are_rejected():
         load_config(["--refresh_every", "2", "--num_batches", "10"])
     with pytest.raises(ConfigError, match=">= 1"):
         load_config(["--refresh_every", "0"])
-    with pytest.raises(ConfigError, match="auto, true or false"):
+    with pytest.raises(ConfigError, match="auto, true, false"):
         load_config(["--cache_images", "yes"])
     assert load_config(["--method", "selectmix", "--guess", "online"]).guess == "online"
     with pytest.raises(ConfigError, match="--guess online works with --method mixnn"):

@@ -129,11 +129,12 @@ def load_folds(run_dir: Path, k: int, num_samples: int, num_classes: int) -> np.
 
 
 def save_fold(run_dir: Path, fold: int, ids: np.ndarray, probs: np.ndarray) -> None:
+    """A finished fold's held-out ids and softmax, written atomically."""
+    from data.atomic import atomic_write
+
     path = fold_file(run_dir, fold)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, ids=ids, probs=probs)
-    tmp.replace(path)
+    atomic_write(path, lambda f: np.savez(f, ids=ids, probs=probs))
 
 
 def uncertainty_metrics(method: SelectMix, true_labels: np.ndarray) -> dict:
