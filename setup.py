@@ -1,14 +1,25 @@
 """Noisy-label mixing at scale: MixNN and SelectMix on one Accelerate/WebDataset/FAISS pipeline."""
-from setuptools import setup
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"', Path(__file__).with_name("train").joinpath("version.py").read_text())[1]
 
 setup(
     name="noisymix",
-    version="0.1.0",
+    version=VERSION,
     description="Learning with noisy labels at scale: MixNN and SelectMix with Accelerate, WebDataset and FAISS",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["data", "index", "train"],
+    packages=find_packages(include=["data", "data.*", "index", "index.*", "train", "train.*"]),
+    entry_points={"console_scripts": [
+        "noisymix-prepare = data.prepare:main",
+        "noisymix-train = train.main:cli",  # one process; `accelerate launch -m train.main` for several
+        "noisymix-evaluate = train.evaluate:main",
+        "noisymix-report = train.report:main",
+    ]},
     install_requires=[
         "torch",
         "torchvision",

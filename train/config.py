@@ -73,7 +73,7 @@ class Config:
     knn_scope: str = "global"  # global: the whole epoch set (paper) | batch: inside each mini-batch (authors' code)
     knn_index: str = "exact"  # exact | hnsw | ivf | clustered (approximate; recall@k vs exact is logged every epoch)
     knn_dim: int = 0  # >0: search on a PCA projection of the embeddings to this many dimensions (approximate;
-    # cuts the search cost by d / knn_dim; recall@k against exact full-dimension search is logged)
+    #                  cuts the search cost by d / knn_dim; recall@k against exact full-dimension search is logged)
     hnsw_m: int = 32
     hnsw_ef: int = 64
     ivf_nprobe: int = 8
@@ -84,12 +84,11 @@ class Config:
     cv_epochs: int = 15  # SelectMix: epochs of each fold's model
     cv_best_epoch: bool = True  # keep each fold's predictions at its best held-out accuracy vs the given labels
     selectmix_rule: str = "cleanlab"  # cleanlab (find_label_issues on the out-of-sample probabilities) | mismatch
-    #                                   (prediction differs or p(given) < selectmix_threshold: the default until
-    #                                   round 8 of docs/benchmarks.md) | precursor (the first author's public
-    #                                   experiments, see train/methods/selectmix.py)
+    #                                   (prediction differs or p(given) < selectmix_threshold) | precursor (the
+    #                                   first author's public experiments, see train/methods/selectmix.py)
     selectmix_threshold: float = 0.5  # mismatch rule: uncertain when p(given label) is below this (or prediction differs)
     selectmix_confident: float = 0.8  # confident partner: prediction = given label with p >= this
-    # DivideMix only (Li et al. 2020; defaults = the authors' Train_cifar.py); mixup's alpha is mixup_alpha
+    # DivideMix (Li et al. 2020; defaults = the authors' Train_cifar.py); mixup's alpha is mixup_alpha
     p_threshold: float = 0.5  # co-divide: labelled when the other network's P(clean) is above this
     temperature: float = 0.5  # sharpening T of the refined (labelled) and co-guessed (unlabelled) targets
     lambda_u: float = 25.0  # weight of the unlabelled loss (0: labelled mixup only, as for Clothing1M/WebVision)
@@ -135,6 +134,9 @@ PAPER_GMM = ("global", "linear")
 FIRST_DEFAULTS = {"gmm_loss_window": 1, "gmm_split": "global", "gmm_scale": "linear", "selectmix_rule": "mismatch"}
 
 
+METADATA = ("noisymix_version",)  # written into RUN/config.yaml, not settings
+
+
 class UserError(Exception):
     """A user's mistake (bad option, data not prepared, missing file): one `error:` line, exit 2, no traceback."""
 
@@ -178,6 +180,8 @@ def apply(cfg: Config, values: dict, origin: str) -> Config:
     types = field_types()
     for key, value in values.items():
         key = key.replace("-", "_")
+        if key in METADATA:
+            continue
         if key not in types:
             close = similar_keys(key, list(types))
             raise ConfigError(f"{origin}: unknown key {key!r}" +
@@ -186,8 +190,75 @@ def apply(cfg: Config, values: dict, origin: str) -> Config:
     return cfg
 
 
+class HelpRequested(Exception):
+    """`--help` / `-h` on the command line: print `help_text()` and exit 0."""
+
+
+def field_docs() -> list[tuple[str, list[tuple[str, str]]]]:
+    """[(section, [(key, comment)])] read from the comments of the Config class in this file, in order."""
+    import inspect
+
+    sections, key = [], None
+    for line in inspect.getsource(Config).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            text = stripped[1:]
+            if text.startswith("  ") and key is not None:  # continuation of the field above
+                name, doc = sections[-1][1][-1]
+                sections[-1][1][-1] = (name, f"{doc} {text.strip()}")
+            else:
+                sections.append((text.strip(), []))
+                key = None
+        elif ":" in stripped and "=" in stripped and not stripped.startswith(("\"", "'")):
+            key = stripped.split(":", 1)[0].strip()
+            comment = stripped.split("#", 1)[1].strip() if "#" in stripped else ""
+            if not sections:
+                sections.append(("settings", []))
+            sections[-1][1].append((key, comment))
+    return sections
+
+
+def help_text() -> str:
+    """`train/main.py --help`: usage, the shipped config files, examples, then every key by section with its
+    type, default and documentation."""
+    import textwrap
+
+    types, defaults = field_types(), dataclasses.asdict(Config())
+    shipped = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+    lines = [
+        "usage: accelerate launch train/main.py [--config FILE[,FILE...]] [--key value ...]",
+        "       python train/main.py ...          (one process)",
+        "",
+        "Train an image classifier on noisily labelled data with MixNN, SelectMix, DivideMix or a baseline.",
+        "With no arguments: MixNN on the built-in digits set with 40% symmetric label noise.",
+        "Settings: the defaults below <- each --config file in order (later files override earlier ones) <-",
+        "--key value (or --key=value). Lists: comma-separated. Booleans: true/false.",
+        "",
+        f"config files shipped in {CONFIG_DIR}:",
+        *textwrap.wrap(", ".join(shipped), 100, initial_indent="  ", subsequent_indent="  "),
+        "",
+        "examples:",
+        "  accelerate launch train/main.py --method ce --epochs 20",
+        "  accelerate launch --config_file launch/accelerate/cpu2.yaml train/main.py \\",
+        "      --config launch/configs/fashion_mnist.yaml,launch/configs/mixnn_paper.yaml --data shards/fmnist",
+        "  accelerate launch train/main.py --resume runs/digits-mixnn-20260101-120000",
+    ]
+    for section, keys in field_docs():
+        lines += ["", f"{section}:"]
+        for key, doc in keys:
+            kind = types[key].__name__ if isinstance(types[key], type) else str(types[key])
+            default = defaults[key]
+            shown = ",".join(map(str, default)) if isinstance(default, list) else str(default).lower() \
+                if isinstance(default, bool) else repr(default) if default == "" else str(default)
+            lines.append(f"  --{key} {kind.upper()}  (default: {shown})")
+            lines += textwrap.wrap(doc, 96, initial_indent="      ", subsequent_indent="      ") if doc else []
+    return "\n".join(lines) + "\n"
+
+
 def parse_overrides(argv: list[str]) -> dict:
     """`--key value` pairs (and `--key=value`) into a dict."""
+    if "-h" in argv or "--help" in argv:
+        raise HelpRequested
     out, i = {}, 0
     while i < len(argv):
         arg = argv[i]
@@ -358,9 +429,9 @@ def resumed_settings(run_dir: Path) -> dict:
     if found is not None:
         return saved_settings(found[1]["config"])
     path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"--resume {run_dir}: neither a checkpoint nor config.yaml there; name the folder of an "
-                          "interrupted run, or drop --resume to start a new one")
+    if not path.is_file() or not any((run_dir / "selectmix").glob("fold-*")):
+        raise ConfigError(f"--resume {run_dir}: no checkpoint there (last.pt is missing); name the run folder of "
+                          "an interrupted run, or drop --resume to start a new one")
     values = read_yaml(path)
     if "method" not in values:
         raise ConfigError(f"{path}: empty or incomplete (no `method`), and the run has no checkpoint to take its "
@@ -379,4 +450,7 @@ def save_config(cfg: Config, path: Path) -> None:
     repeated."""
     from data.atomic import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    from .version import __version__
+
+    atomic_write_text(path, yaml.safe_dump({"noisymix_version": __version__, **dataclasses.asdict(cfg)},
+                                           sort_keys=False))

@@ -21,12 +21,13 @@ if __package__ in (None, ""):
 import torch
 from accelerate import Accelerator
 
+from data.atomic import atomic_write_text
 from data.reader import ShardDataset
-from data.shards import read_manifest
+from data.shards import ShardError, read_manifest, verify_split
 from data.transforms import EvalTransform, get_preset
 
 from .checkpoint import find_checkpoint, load_checkpoint
-from .config import config_of_checkpoint
+from .config import UserError, config_of_checkpoint
 from .loop import evaluate
 from .models import create_run_model
 
@@ -34,6 +35,8 @@ from .models import create_run_model
 def evaluate_checkpoint(run: Path, checkpoint: str, splits: list[Path], accelerator, batch_size: int,
                         workers: int) -> dict:
     """{split path: {top1, top5, evaluated, skipped}} for the checkpoint's model."""
+    if not Path(run).is_dir():
+        raise UserError(f"--run {run}: no such run folder")
     state = load_checkpoint(find_checkpoint(run, checkpoint))
     cfg = config_of_checkpoint(state)
     preset = get_preset(cfg.dataset, cfg.image_size or None)
@@ -43,10 +46,17 @@ def evaluate_checkpoint(run: Path, checkpoint: str, splits: list[Path], accelera
     model = accelerator.prepare(model)
     results = {}
     for split in splits:
-        manifest = read_manifest(split.parent)
-        if manifest["num_classes"] != num_classes:
-            raise ValueError(f"{split}: {manifest['num_classes']} classes, the model has {num_classes}")
-        ds = ShardDataset(split, EvalTransform(preset=preset), preset.mode)
+        try:
+            manifest = read_manifest(split.parent)
+            if split.name not in manifest["splits"]:
+                raise UserError(f"--split {split}: {split.parent} has no split {split.name!r} (it has "
+                                f"{', '.join(manifest['splits'])})")
+            if manifest["num_classes"] != num_classes:
+                raise UserError(f"--split {split}: {manifest['num_classes']} classes, the model has {num_classes}")
+            verify_split(split, manifest["splits"][split.name], num_classes)
+            ds = ShardDataset(split, EvalTransform(preset=preset), preset.mode)
+        except ShardError as e:
+            raise UserError(str(e)) from None
         results[str(split)] = evaluate(model, ds, accelerator, batch_size, workers)
         results[str(split)]["epoch"] = state["epoch"] - 1
     return results
@@ -63,13 +73,19 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               mixed_precision="bf16" if torch.cuda.is_available() else "no")
-    results = evaluate_checkpoint(args.run, args.checkpoint, args.split, accelerator, args.batch_size, args.workers)
+    try:
+        results = evaluate_checkpoint(args.run, args.checkpoint, args.split, accelerator, args.batch_size,
+                                      args.workers)
+    except UserError as e:
+        if accelerator.is_main_process:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     if accelerator.is_main_process:
         print("| split | top-1 | top-5 | evaluated | skipped |\n|---|---|---|---|---|")
         for split, r in results.items():
             print(f"| {split} | {r['top1']:.2f} | {r['top5']:.2f} | {r['evaluated']} | {r['skipped']} |")
-        (args.run / "eval.json").write_text(json.dumps({"checkpoint": args.checkpoint, "results": results},
-                                                       indent=1) + "\n")
+        atomic_write_text(args.run / "eval.json", json.dumps({"checkpoint": args.checkpoint, "results": results},
+                                                             indent=1) + "\n")
     accelerator.wait_for_everyone()
     accelerator.end_training()  # tear the process group down before exit (gloo aborts otherwise, at times)
     return 0

@@ -3,6 +3,8 @@ with the fitted two-component mixture (the MixNN paper's Fig. 4), labelled confu
 the training images most likely mislabelled (as cleanlab users expect)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib
 
 matplotlib.use("Agg")  # files and TensorBoard only; never a window
@@ -81,5 +83,7 @@ def label_issues_figure(images: list, captions: list[str], columns: int = 8):
 
 def save(fig, path) -> None:
     """Write a figure to a PNG and release it."""
-    fig.savefig(path)
+    from data.atomic import atomic_write
+
+    atomic_write(Path(path), lambda f: fig.savefig(f, format="png"))
     plt.close(fig)

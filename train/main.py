@@ -25,7 +25,7 @@ from accelerate.logging import get_logger
 from data.atomic import WriteFailed
 
 from .checkpoint import checkpoint_state, load_resume_checkpoint, restore, save_checkpoint
-from .config import Config, UserError, load_config, save_config
+from .config import Config, HelpRequested, UserError, help_text, load_config, save_config
 from .crossval import StageStopped, out_of_sample_probabilities
 from .dataset import Data, load_data
 from .dividemix import run_dividemix_epoch
@@ -89,6 +89,7 @@ class Run:
     step: int = 0  # step of that epoch (mid-epoch checkpoint of a preempted run)
     best: dict = field(default_factory=lambda: {"metric": -1.0, "epoch": -1})
     partial: dict = field(default_factory=dict)  # scalars a preempted epoch logged before it stopped
+    last_row: dict = field(default_factory=dict)  # summary.csv row of the checkpoint's epoch
     lock: object = None  # the run folder's lock (main process)
     finished: dict | None = None  # the saved summary of a run that already trained all its epochs
 
@@ -135,6 +136,7 @@ def start_run(cfg: Config) -> Run:
         path, state = found
         run.start, run.step, run.best = restore(state, model, optimizer, scheduler, run.tables, accelerator)
         run.partial = dict(state.get("partial_metrics") or {})
+        run.last_row = dict(state.get("summary_row") or {})
         logger.info("resumed %s from %s at epoch %d step %d", run_dir, path.name, run.start, run.step)
     if accelerator.is_main_process:
         save_config(dataclasses.replace(cfg, resume=""), run_dir / "config.yaml")
@@ -157,6 +159,7 @@ def train(cfg: Config) -> dict:
         return already_finished(run)
     cfg, accelerator, tables = run.cfg, run.accelerator, run.tables
     log = RunLog(run.run_dir, accelerator, cfg)
+    log.restore_row(run.last_row)  # a kill between the checkpoint and the summary.csv write lost nothing
     stop = StopFlag().install()  # before the cross-validation stage: a signal there is honoured at the first step
     try:
         method = create_run_method(cfg, run.data, accelerator, run.run_dir, run.data.manifest["num_classes"], stop)
@@ -182,6 +185,7 @@ def train(cfg: Config) -> dict:
         run.best, is_best = update_best(run.best, metrics, select)
         t0 = time.perf_counter()
         state = checkpoint_state(cfg, epoch, run.model, run.optimizer, run.scheduler, tables, run.best, accelerator)
+        state["summary_row"] = scalars(metrics)
         if accelerator.is_main_process:
             save_checkpoint(run.run_dir, state, epoch, keep=cfg.keep_checkpoints, is_best=is_best)
         metrics["time_checkpoint"] = time.perf_counter() - t0  # on the main process: gathering RNG states and writing
@@ -203,7 +207,16 @@ def main(argv=None) -> dict:
     """Entry point. A user's mistake or a bad input file prints one `error: ...` line (first rank) and exits 2,
     without a traceback; Ctrl-C checkpoints and exits 130; bugs keep their traceback."""
     try:
-        summary = train(load_config(sys.argv[1:] if argv is None else argv))
+        cfg = load_config(sys.argv[1:] if argv is None else argv)
+    except HelpRequested:
+        print(help_text(), end="")
+        return {}
+    except UserError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    try:
+        summary = train(cfg)
     except (UserError, WriteFailed) as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e.strerror if isinstance(e, WriteFailed) else e}", file=sys.stderr, flush=True)
@@ -211,6 +224,12 @@ def main(argv=None) -> dict:
     if summary.get("exit_code"):
         raise SystemExit(summary["exit_code"])
     return summary
+
+
+def cli() -> int:
+    """Console entry point `noisymix-train` (one process; `accelerate launch -m train.main` for several)."""
+    main()
+    return 0
 
 
 def already_finished(run: Run) -> dict:
@@ -240,12 +259,16 @@ def stage_stopped(run: Run, stopped: StageStopped, stop) -> dict:
     return {"preempted": True, "stage": str(stopped), "exit_code": stop.exit_code}
 
 
+def scalars(metrics: dict) -> dict:
+    """The plain numbers of a metrics dict (what a checkpoint can hold under weights_only)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def preempted(run: Run, epoch: int, metrics: dict, stop) -> dict:
     """Write the mid-epoch checkpoint (`last.pt`, with the scalars logged so far this epoch) and leave; the
     batch script requeues the job (exit 0), or Ctrl-C exits 130."""
     step = metrics["stopped_at"]
-    partial = {k: v for k, v in metrics.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "stopped_at"}
+    partial = {k: v for k, v in scalars(metrics).items() if k != "stopped_at"}
     state = checkpoint_state(run.cfg, epoch, run.model, run.optimizer, run.scheduler, run.tables, run.best,
                              run.accelerator, step=step)
     state["partial_metrics"] = partial

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     __package__ = "train"
 
+from data.atomic import atomic_write, atomic_write_text
 from data.reader import ShardDataset
 
 from . import figures
@@ -42,7 +44,11 @@ def label_rows(train: ShardDataset, tables: Tables) -> dict[str, np.ndarray]:
 
 
 def write_labels_csv(path: Path, cols: dict, partners: np.ndarray | None) -> None:
-    with path.open("w", newline="") as f:
+    atomic_write(path, lambda raw: _labels_csv(io.TextIOWrapper(raw, newline="", write_through=True), cols, partners))
+
+
+def _labels_csv(f, cols: dict, partners: np.ndarray | None) -> None:
+    try:
         writer = csv.writer(f)
         writer.writerow([*cols, "neighbours"])
         for i in range(len(cols["sample_id"])):
@@ -50,6 +56,9 @@ def write_labels_csv(path: Path, cols: dict, partners: np.ndarray | None) -> Non
             row[list(cols).index("true_label")] = "" if cols["true_label"][i] < 0 else int(cols["true_label"][i])
             nb = "" if partners is None else " ".join(str(int(v)) for v in partners[i] if v >= 0)
             writer.writerow([f"{v:.4f}" if isinstance(v, (float, np.floating)) else v for v in row] + [nb])
+    finally:
+        f.flush()
+        f.detach()  # leave the binary file open for atomic_write's fsync
 
 
 def summary_markdown(cols: dict, class_names: list[str], pictures: list[str] = ()) -> str:
@@ -136,7 +145,7 @@ def write_report(run_dir: Path, train: ShardDataset, tables: Tables, class_names
     cols = label_rows(train, tables)
     write_labels_csv(run_dir / "labels.csv", cols, tables.partners)
     pictures = write_figures(run_dir, train, cols, class_names, writer)
-    (run_dir / "labels_summary.md").write_text(summary_markdown(cols, class_names, pictures))
+    atomic_write_text(run_dir / "labels_summary.md", summary_markdown(cols, class_names, pictures))
     return cols
 
 
@@ -154,15 +163,32 @@ def main(argv=None) -> int:
     from .config import config_of_checkpoint
     from .dataset import data_root
 
+    from data.atomic import WriteFailed
+    from data.shards import ShardError
+
+    from .config import UserError
+
     p = argparse.ArgumentParser(prog="python -m train.report", description=__doc__)
-    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--run", required=True, type=Path, help="a run folder (train/main.py's output/<run_name>)")
     p.add_argument("--checkpoint", default="last", help="last | best | a checkpoint path")
     args = p.parse_args(argv)
-    state = load_checkpoint(find_checkpoint(args.run, args.checkpoint))
-    cfg = config_of_checkpoint(state)
-    root = data_root(cfg)
-    train = ShardDataset(root / cfg.train_split, mode=get_preset(cfg.dataset, cfg.image_size or None).mode)
-    write_report(args.run, train, tables_from_checkpoint(state, train), read_manifest(root)["class_names"])
+    try:
+        if not args.run.is_dir():
+            raise UserError(f"--run {args.run}: no such run folder")
+        state = load_checkpoint(find_checkpoint(args.run, args.checkpoint))
+        cfg = config_of_checkpoint(state)
+        root = data_root(cfg)
+        train = ShardDataset(root / cfg.train_split, mode=get_preset(cfg.dataset, cfg.image_size or None).mode)
+        if len(state["targets"]["values"]) != len(train):
+            raise UserError(f"{root / cfg.train_split}: {len(train)} samples, the run's tables hold "
+                            f"{len(state['targets']['values'])}: the data set was prepared again since the run")
+        write_report(args.run, train, tables_from_checkpoint(state, train), read_manifest(root)["class_names"])
+    except (UserError, ShardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except WriteFailed as e:
+        print(f"error: {e.strerror}", file=sys.stderr)
+        return 2
     print(f"wrote {args.run / 'labels.csv'}, {args.run / 'labels_summary.md'} and its figures")
     return 0
 

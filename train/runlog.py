@@ -68,7 +68,16 @@ class RunLog:
             self.tensorboard().add_figure("gmm/loss_histogram", gmm_figure(fit, noisy, metrics["epoch"]),
                                           metrics["epoch"])
         self.histograms(metrics["epoch"], tables, train)
-        self.rows = [r for r in self.rows if int(r["epoch"]) < metrics["epoch"]] + [metrics]  # resumed: redone
+        self.rows = [r for r in self.rows if int(float(r["epoch"])) < metrics["epoch"]] + [metrics]  # resumed: redone
+        self.write_rows()
+
+    def restore_row(self, row: dict) -> None:
+        """Put back the row of the epoch a checkpoint holds when summary.csv lacks it (main process)."""
+        if not row or not self.accelerator.is_main_process:
+            return
+        if any(int(float(r["epoch"])) == int(row["epoch"]) for r in self.rows):
+            return
+        self.rows = [r for r in self.rows if int(float(r["epoch"])) < int(row["epoch"])] + [row]
         self.write_rows()
 
     def write_rows(self) -> None:
@@ -122,7 +131,9 @@ def final_summary(cfg: Config, run_dir: Path, metrics: dict, best: dict, acceler
     papers' protocol) and the epoch chosen on `select_split` (the noisy val split by default) with every
     split's accuracy at that epoch."""
     keys = [k for k in metrics if k.endswith(("_top1", "_top5")) or k.startswith(("label_correction", "noise_"))]
-    summary = {"run_dir": str(run_dir), "method": cfg.method, "epochs": cfg.epochs,
+    from .version import __version__
+
+    summary = {"noisymix_version": __version__, "run_dir": str(run_dir), "method": cfg.method, "epochs": cfg.epochs,
                "world_size": accelerator.num_processes,
                "mixed_precision": accelerator.mixed_precision, "last": {k: metrics[k] for k in keys}, "best": best,
                "unreadable_train_samples": len(log.unreadable),
