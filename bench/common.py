@@ -27,7 +27,7 @@ VARIANTS = {
     "select-correct": ["--method", "select-correct"],
     "confident-learning": ["--method", "confident-learning"],
     "selectmix": ["--method", "selectmix"],
-    "selectmix-mismatch": ["--method", "selectmix", "--selectmix_rule", "mismatch"],  # the default until round 8
+    "selectmix-mismatch": ["--method", "selectmix", "--selectmix_rule", "mismatch"],  # the rule of selectmix_paper.yaml
     "selectmix-precursor": ["--method", "selectmix", "--selectmix_rule", "precursor"],
     "selectmix-cleanlab": ["--method", "selectmix", "--selectmix_rule", "cleanlab"],
     "mixnn": ["--method", "mixnn"],

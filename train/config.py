@@ -123,8 +123,8 @@ METHODS = ("ce", "mixup", "mixnn", "selectmix", "select", "select-correct", "con
 GUESSING = ("mixnn", "select-correct", "selectmix")  # methods with targets to guess for noisy samples
 DIVIDEMIX_ONLY = ("p_threshold", "temperature", "lambda_u", "rampup_epochs", "warmup_penalty")
 # (gmm_split, gmm_scale) that `auto` means, per method: one mixture per class on log-losses where it was measured
-# better on Fashion-MNIST (docs/benchmarks.md, rounds 5-8); the papers' one mixture on min-max normalised losses
-# for DivideMix (as published) and `select` (the per-class split starves it: round 5).
+# better on Fashion-MNIST (docs/benchmarks.md, "Defaults and why"); the papers' one mixture on min-max normalised
+# losses for DivideMix (as published) and `select` (the per-class split starves it: docs/benchmarks.md).
 GMM_DEFAULTS = {"mixnn": ("class", "log"), "select-correct": ("class", "log")}
 PAPER_GMM = ("global", "linear")
 # A run folder's config.yaml records every key its version knew, so a resumed run keeps its settings - except

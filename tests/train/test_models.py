@@ -20,6 +20,26 @@ def test_local_weights_load_and_classifier_reinit(tmp_path):
         create_model("small_cnn", 10, 1, pretrained=str(tmp_path / "absent.pth"))
 
 
+def test_weights_that_do_not_fit_or_are_not_weights_are_one_error(tmp_path):
+    from timm.models import create_model as timm_model
+
+    wide = timm_model("small_cnn", num_classes=10, in_chans=1, width=16)  # another width: every conv differs
+    torch.save(wide.state_dict(), tmp_path / "narrow.pth")
+    with pytest.raises(UserError, match=r"does not fit SmallCNN \(other shape: features.0.weight"):
+        create_model("small_cnn", 10, 1, pretrained=str(tmp_path / "narrow.pth"))
+    loose = create_model("small_cnn", 10, 1, pretrained=str(tmp_path / "narrow.pth"), pretrained_strict=False)
+    assert loose.features[0].weight.shape == (32, 1, 3, 3)  # left as initialised
+    torch.save(create_model("resnet18", 10, 1).state_dict(), tmp_path / "other.pth")
+    with pytest.raises(UserError, match="missing: .*unexpected: "):
+        create_model("small_cnn", 10, 1, pretrained=str(tmp_path / "other.pth"))
+    (tmp_path / "notes.pth").write_text("these are not weights\n")
+    (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 16)
+    torch.save({"model": {"x": object}}, tmp_path / "pickle.pth")  # weights_only refuses Python objects
+    for name, reader in (("notes.pth", "PyTorch"), ("bad.safetensors", "safetensors"), ("pickle.pth", "PyTorch")):
+        with pytest.raises(UserError, match=rf"--pretrained .*{name}: cannot be read as {reader} weights"):
+            create_model("small_cnn", 10, 1, pretrained=str(tmp_path / name))
+
+
 def test_embeddings_are_penultimate_features_of_a_timm_resnet():
     model = create_model("resnet18", 7, 3).eval()
     x = torch.randn(2, 3, 32, 32)
