@@ -8,6 +8,7 @@ newest checkpoint that loads and matches its digest: `last.pt`, else the epoch f
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import logging
 import os
@@ -53,8 +54,17 @@ def state_digest(obj, h=None) -> str:
 
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, fsync, then os.replace (data.atomic)."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save to a temporary file, fsync, then os.replace (data.atomic). torch.save reports a failed write
+    (a full disk) as a RuntimeError of its zip writer: it becomes the OSError data.atomic turns into
+    WriteFailed."""
+    def write(f):
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            full = shutil.disk_usage(path.parent).free < (16 << 20)
+            raise OSError(errno.ENOSPC if full else errno.EIO, os.strerror(errno.ENOSPC if full else errno.EIO)) from e
+
+    atomic_write(path, write)
 
 
 def atomic_link(src: Path, dst: Path) -> None:
@@ -95,8 +105,8 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict:
     except Exception as e:  # a truncated zip, a flipped header, a pickle weights_only refuses, not a checkpoint
         raise DamagedCheckpoint(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise DamagedCheckpoint(f"{path}: not a checkpoint of this project (no model state)")
+    if not isinstance(state, dict):
+        raise DamagedCheckpoint(f"{path}: not a checkpoint of this project")
     expected = state.pop("checksum", None)
     if expected is not None and state_digest(state) != expected:
         raise DamagedCheckpoint(f"{path}: contents do not match the checksum written with them (damaged on disk)")
@@ -133,6 +143,8 @@ def load_resume_checkpoint(run_dir: Path, mmap: bool = False, warn: bool = True)
     for path in candidates:
         try:
             state = load_checkpoint(path, mmap=mmap)
+            if "model" not in state or "epoch" not in state:
+                raise DamagedCheckpoint(f"{path}: not a training checkpoint (no model state)")
         except DamagedCheckpoint as e:
             problems.append(str(e))
             continue

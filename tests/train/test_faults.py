@@ -154,6 +154,14 @@ def test_non_finite_loss_stops_with_one_line_and_no_nan_checkpoint(tmp_path, dig
         assert all(torch.isfinite(v).all() for v in load_checkpoint(path)["model"].values() if v.is_floating_point())
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie stays until a reaper collects it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def test_ranks_that_lose_their_launcher_stop_within_seconds(tmp_path, digits_shards):
     from test_preempt import wait_for_ranks
 
@@ -170,10 +178,9 @@ def test_ranks_that_lose_their_launcher_stop_within_seconds(tmp_path, digits_sha
     proc.kill()  # SIGKILL of the launcher alone: its ranks are in a session of their own
     proc.communicate()
     gone_by = time.time() + 40
-    while time.time() < gone_by and any(Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text()
-                                        .rsplit(")", 1)[1].split()[0] for p in ranks):
+    while time.time() < gone_by and any(running(p) for p in ranks):
         time.sleep(0.5)
-    alive = [p for p in ranks if Path(f"/proc/{p}").exists()]
+    alive = [p for p in ranks if running(p)]
     for p in alive:
         os.kill(p, signal.SIGKILL)
     assert not alive, "ranks kept training after their launcher died"
@@ -182,9 +189,9 @@ def test_ranks_that_lose_their_launcher_stop_within_seconds(tmp_path, digits_sha
 
 def test_preemption_in_the_cross_validation_stage_stops_within_a_step_and_resumes_exactly(tmp_path, digits_shards):
     args = ["--data", digits_shards, "--method", "selectmix", "--epochs", "3", "--cv_folds", "2", "--cv_epochs", "4",
-            "--eval_every", "3"]
+            "--eval_every", "3", "--batch_size", "16"]
     assert run(tmp_path, *args, "--run_name", "ref").returncode == 0
-    proc = subprocess.Popen(main_cmd(tmp_path, *args, "--run_name", "pre", "--batch_size", "16"),
+    proc = subprocess.Popen(main_cmd(tmp_path, *args, "--run_name", "pre"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=cpu_env())
     time.sleep(1)
     folder = tmp_path / "runs" / "pre"
@@ -196,7 +203,8 @@ def test_preemption_in_the_cross_validation_stage_stops_within_a_step_and_resume
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "cross-validation stage at fold" in out, err[-2000:]
     assert list((folder / "selectmix").glob("fold-*.partial.pt"))
-    resumed = run(tmp_path, "--resume", folder, "--batch_size", "64")
+    resumed = subprocess.run([sys.executable, str(REPO / "train" / "main.py"), "--resume", str(folder)],  # its settings
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path, env=cpu_env())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ref = load_checkpoint(tmp_path / "runs" / "ref" / "last.pt")["model"]
     got = load_checkpoint(folder / "last.pt")["model"]
