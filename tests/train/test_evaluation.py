@@ -45,3 +45,17 @@ def test_noise_detection_by_hand():
     labels, true = np.array([0, 1, 1, 0]), np.array([0, 0, 1, 1])  # samples 1 and 3 truly noisy
     out = noise_detection(clean, labels, true, np.arange(4))
     assert out["noise_precision"] == 0.5 and out["noise_recall"] == 0.5
+
+
+def test_evaluate_and_report_errors_are_one_line(tmp_path, digits_shards, capsys):
+    from train.evaluate import main as evaluate_main
+    from train.report import main as report_main
+
+    assert evaluate_main(["--run", str(tmp_path / "nope"), "--split", str(digits_shards / "test")]) == 2
+    assert "error: --run" in capsys.readouterr().err
+    assert report_main(["--run", str(tmp_path / "nope")]) == 2
+    assert "error: --run" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.pt").write_bytes(b"not a checkpoint")
+    assert evaluate_main(["--run", str(tmp_path / "run"), "--split", str(digits_shards / "test")]) == 2
+    assert "cannot be read as a checkpoint" in capsys.readouterr().err

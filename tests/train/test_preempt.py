@@ -85,3 +85,5 @@ def test_signal_stops_mid_epoch_and_resume_matches(tmp_path, digits_shards, meth
         assert torch.equal(value, final["model"][key]), key
     rows = list(csv.DictReader((run / "summary.csv").open()))
     assert [int(r["epoch"]) for r in rows] == list(range(EPOCHS))
+    if method == "mixnn" and stopped_epoch >= 1:  # the refresh ran before the signal: its scalars are in the row
+        assert rows[stopped_epoch]["time_refresh"] and rows[stopped_epoch]["clean_fraction"]
