@@ -52,6 +52,7 @@ VARIANTS = {
     "mixnn-mixstart": ["--method", "mixnn", "--mix_start", "correction"],
     "mixnn-cosine": ["--method", "mixnn", "--metric", "cosine"],
     "mixnn-refined": ["--method", "mixnn", "--target_source", "refined"],
+    "mixnn-update10": ["--method", "mixnn", "--target_update_every", "10"],  # the MixNN authors' target period
 }
 
 

@@ -1,4 +1,4 @@
-"""Builders of miniature data sets in the real on-disk layouts (DATASETS.md) and shared fixtures."""
+"""Builders of miniature data sets in the real on-disk layouts (docs/data.md describes them) and shared fixtures."""
 from __future__ import annotations
 
 import io

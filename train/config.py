@@ -44,6 +44,8 @@ class Config:
     k: int = 1  # neighbours per sample
     warmup_epochs: int = 5
     correction_epoch: int = 10  # E_s: soft targets move by EMA from this 0-based epoch on (-1: never)
+    target_update_every: int = 1  # after E_s, move the soft targets every N-th refresh epoch only (E_s, E_s + N,
+    #                               ...): 1 is the paper's Eq. 12 every epoch; the MixNN authors' code uses 10
     ema: float = 0.9
     gmm_loss: str = "given"  # loss the GMM sees: against the given label or the corrected argmax(t)
     refresh_every: int = 1  # refresh tables every R epochs after warm-up (1: every epoch, the paper; needs num_batches 0)
@@ -326,6 +328,7 @@ RANGES = {
     "correction_epoch": (lambda v: v >= -1, ">= 0, or -1 (never)"),
     "ema": (lambda v: 0 <= v < 1, "in [0, 1) (to keep the targets fixed: --correction_epoch -1)"),
     "k": (lambda v: v >= 1, ">= 1"), "refresh_every": (lambda v: v >= 1, ">= 1"),
+    "target_update_every": (lambda v: v >= 1, ">= 1 epoch"),
     "gmm_loss_window": (lambda v: v >= 1, ">= 1"), "clean_threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "memorisation_every": (lambda v: v >= 0, ">= 0 (0: never)"), "mixup_alpha": (lambda v: v > 0, "> 0"),
     "knn_dim": (lambda v: v >= 0, ">= 0 (0: search the full embeddings)"), "hnsw_m": (lambda v: v >= 2, ">= 2"),

@@ -106,8 +106,9 @@ def target_rows(cfg: Config, stats: RefreshStats, labels: np.ndarray, clean: np.
 def correction_due(cfg: Config, epoch: int) -> bool:
     """Whether the refresh of 0-based `epoch` moves the soft targets: from epoch index E_s on, i.e. from the
     (E_s + 1)-th epoch. The MixNN authors' code counts epochs from 1 and first uses soft targets in its
-    epoch E_s; to reproduce "from epoch 60" exactly set `correction_epoch: 59` (the paper configs do)."""
-    return 0 <= cfg.correction_epoch <= epoch
+    epoch E_s; to reproduce "from epoch 60" exactly set `correction_epoch: 59` (the paper configs do). With
+    `target_update_every` N > 1 only every N-th epoch from E_s moves them (the authors' code: N = 10)."""
+    return 0 <= cfg.correction_epoch <= epoch and (epoch - cfg.correction_epoch) % cfg.target_update_every == 0
 
 
 def update_targets(tables: Tables, stats: RefreshStats, new: np.ndarray, momentum: float) -> None:

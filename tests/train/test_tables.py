@@ -93,3 +93,14 @@ def test_gmm_auto_fits_what_the_method_resolves_to():
     assert (fit(Config()) == per_class).all() and (fit(Config(method="dividemix")) == paper).all()
     assert (per_class == ~noisy).all()
     assert paper[noisy & (labels == 0)].all() and (paper[labels == 1] == ~noisy[labels == 1]).all()
+
+
+def test_target_update_period_moves_targets_only_every_nth_epoch_from_e_s():
+    from train.config import Config
+    from train.tables import correction_due
+
+    every_epoch = [e for e in range(40) if correction_due(Config(correction_epoch=10), e)]
+    assert every_epoch == list(range(10, 40))
+    authors = [e for e in range(40) if correction_due(Config(correction_epoch=10, target_update_every=10), e)]
+    assert authors == [10, 20, 30]
+    assert not any(correction_due(Config(correction_epoch=-1, target_update_every=10), e) for e in range(40))
