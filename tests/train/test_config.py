@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 import yaml
 
+from train.checkpoint import save_checkpoint
 from train.config import CONFIG_DIR, Config, ConfigError, load_config, save_config
 
 
@@ -20,9 +21,17 @@ def test_yaml_then_cli_and_resume_round_trip(tmp_path):
     (tmp_path / "c.yaml").write_text("epochs: 7\nmethod: ce\n")
     cfg = load_config(["--config", str(tmp_path / "c.yaml"), "--method", "mixup"])
     assert cfg.epochs == 7 and cfg.method == "mixup"
-    save_config(cfg, tmp_path / "config.yaml")
+    save_checkpoint(tmp_path, {"model": {}, "epoch": 3, "config": dataclasses.asdict(cfg)}, 2, keep=2,
+                    is_best=False)
+    save_config(Config(method="ce", epochs=99), tmp_path / "config.yaml")  # a copy for people: not read
     again = load_config(["--resume", str(tmp_path), "--epochs", "9"])
     assert again.method == "mixup" and again.epochs == 9 and again.resume == str(tmp_path)
+    (tmp_path / "last.pt").unlink()
+    import shutil
+    shutil.rmtree(tmp_path / "checkpoints")
+    (tmp_path / "selectmix").mkdir()
+    (tmp_path / "selectmix" / "fold-0.npz").write_bytes(b"")  # a cross-validation stage under way: config.yaml
+    assert load_config(["--resume", str(tmp_path)]).epochs == 99
 
 
 def test_shipped_configs_parse_and_digits_matches_defaults():
@@ -130,10 +139,11 @@ def test_a_run_from_before_a_key_existed_resumes_on_that_keys_first_default(tmp_
     old = dataclasses.asdict(load_config(["--method", "mixnn"]))
     for key in ("gmm_split", "gmm_scale", "gmm_loss_window", "selectmix_rule"):  # added after this run was written
         del old[key]
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    save_checkpoint(tmp_path, {"model": {}, "epoch": 1, "config": old}, 0, keep=2, is_best=False)
     resumed = load_config(["--resume", str(tmp_path)])
     assert (resumed.gmm_split, resumed.gmm_scale, resumed.gmm_loss_window) == ("global", "linear", 1)
     assert resumed.selectmix_rule == "mismatch"
     assert load_config(["--resume", str(tmp_path), "--gmm_split", "class"]).gmm_split == "class"  # still overridable
-    save_config(load_config([]), tmp_path / "config.yaml")  # today's run folder: today's values
+    today = dataclasses.asdict(load_config([]))
+    save_checkpoint(tmp_path, {"model": {}, "epoch": 2, "config": today}, 1, keep=2, is_best=False)
     assert (load_config(["--resume", str(tmp_path)]).gmm_split, Config().gmm_loss_window) == ("class", 5)
