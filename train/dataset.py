@@ -45,7 +45,11 @@ def ensure_prepared(cfg: Config, accelerator: Accelerator) -> Path:
 
         logger.info("preparing digits with %s noise into %s", cfg.noise, root)
         args = ["digits", "--out", str(root), "--noise", cfg.noise, "--seed", str(cfg.noise_seed)]
-        prepare(build_parser().parse_args(args + (["--val-fraction", str(cfg.val_fraction)] if cfg.val_fraction else [])))
+        try:
+            prepare(build_parser().parse_args(args + (["--val-fraction", str(cfg.val_fraction)] if cfg.val_fraction else [])))
+        except OSError as e:  # includes WriteFailed: a read-only or full disk
+            raise UserError(f"cannot prepare the digits set into {root} ({e.strerror or e}); run from a writable "
+                            "folder or set --data") from None
     accelerator.wait_for_everyone()
     return root
 

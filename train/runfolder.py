@@ -69,7 +69,10 @@ def claim_run_dir(run_dir: Path, resume: bool) -> RunLock:
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or choose another "
                         "--run_name / --output")
     lock = RunLock(run_dir)
-    holder = lock.acquire()
+    try:
+        holder = lock.acquire()
+    except OSError as e:
+        raise UserError(f"cannot create the run folder {run_dir} ({e.strerror or e}); choose a writable --output")
     if holder:
         raise UserError(f"{run_dir} is in use by {holder}; wait for that job to end (or stop it) - two jobs "
                         "must never write one run folder")
