@@ -11,7 +11,7 @@ mkdir -p "$RUN_DIR"
 exec >>"$RUN_DIR/slurm-${SLURM_JOB_ID}.log" 2>&1
 echo "=== job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST at $(date)"
 if [ -f "$RUN_DIR/last.pt" ] || [ -f "$RUN_DIR/config.yaml" ]; then
-    echo "resuming $RUN_DIR"
+    echo "resuming from $RUN_DIR (its newest good checkpoint, or its cross-validation stage)"
     TRAIN_ARGS=(--resume "$RUN_DIR" "${TRAIN_ARGS[@]}")
 else
     TRAIN_ARGS=(--output "$(dirname "$RUN_DIR")" --run_name "$(basename "$RUN_DIR")" "${TRAIN_ARGS[@]}")
