@@ -49,10 +49,16 @@ def _fault_point(path: Path) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def temporary_path(path: Path) -> Path:
+    """Where a write of `path` goes before its rename: `.NAME.tmp-PID` beside it (remove_stale_temporaries
+    knows the pattern)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Call `write(f)` on a temporary file beside `path`, then replace `path` with it atomically."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -64,7 +70,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         tmp.unlink(missing_ok=True)
         reason = errno.errorcode.get(e.errno, "") if e.errno else ""
         raise WriteFailed(e.errno, f"cannot write {path}: {e.strerror or e}" + (f" ({reason})" if reason else "")
-                          + f"; its previous content is intact") from e
+                          + "; its previous content is intact") from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

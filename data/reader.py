@@ -34,9 +34,9 @@ class ShardDataset(torch.utils.data.Dataset):
     counts it). `labels`, `true_labels` and `sources` are per-sample-id arrays.
     """
 
-    def __init__(self, split_dir: str | Path, transform=None, mode: str = "RGB"):
+    def __init__(self, split_dir: str | Path, transform=None, mode: str = "RGB", table: dict | None = None):
         self.split_dir = Path(split_dir)
-        table = load_offset_table(self.split_dir)
+        table = load_offset_table(self.split_dir) if table is None else table  # verify_split returns one
         self.shard_paths = [str(self.split_dir / name) for name in table["shard_names"]]
         self.shard = table["shard"]
         self.offset = table["offset"]

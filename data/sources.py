@@ -69,6 +69,13 @@ def parse_int_label(path: Path, number: int, token: str, num_classes: int | None
     return label
 
 
+def note_first_line(line_of: dict[str, int], key: str, path: Path, number: int, what: str, why: str) -> None:
+    """Remember the line `key` is on; a key seen before is an error naming both lines."""
+    if key in line_of:
+        raise AnnotationError(f"{path}:{number}: duplicate {what} {key!r} (first on line {line_of[key]}); {why}")
+    line_of[key] = number
+
+
 def read_key_label(path: Path, num_classes: int | None) -> dict[str, int]:
     """`<key> <label>` lines -> {key: label}; a line with another shape is an error."""
     table, line_of = {}, {}
@@ -76,11 +83,8 @@ def read_key_label(path: Path, num_classes: int | None) -> dict[str, int]:
         if len(tokens) != 2:
             raise AnnotationError(
                 f"{path}:{number}: expected '<key> <label>' (2 fields split on whitespace), got {len(tokens)}")
-        if tokens[0] in table:
-            raise AnnotationError(f"{path}:{number}: duplicate key {tokens[0]!r} (first on line {line_of[tokens[0]]}); "
-                                  "each key may have one label")
+        note_first_line(line_of, tokens[0], path, number, "key", "each key may have one label")
         table[tokens[0]] = parse_int_label(path, number, tokens[1], num_classes)
-        line_of[tokens[0]] = number
     return table
 
 
@@ -90,10 +94,7 @@ def read_key_list(path: Path) -> list[tuple[int, str]]:
     for number, tokens in read_lines(path):
         if len(tokens) != 1:
             raise AnnotationError(f"{path}:{number}: expected one key per line, got {len(tokens)} fields")
-        if tokens[0] in line_of:
-            raise AnnotationError(f"{path}:{number}: duplicate key {tokens[0]!r} (first on line {line_of[tokens[0]]}); "
-                                  "a sample listed twice would be trained twice")
-        line_of[tokens[0]] = number
+        note_first_line(line_of, tokens[0], path, number, "key", "a sample listed twice would be trained twice")
         out.append((number, tokens[0]))
     return out
 
@@ -163,10 +164,7 @@ def read_file_list(path: Path, num_classes: int) -> list[tuple[int, str, int]]:
     for number, tokens in read_lines(path):
         if len(tokens) != 2:
             raise AnnotationError(f"{path}:{number}: expected '<path> <label>', got {len(tokens)} fields")
-        if tokens[0] in line_of:
-            raise AnnotationError(f"{path}:{number}: duplicate path {tokens[0]!r} (first on line "
-                                  f"{line_of[tokens[0]]}); each image may be listed once")
-        line_of[tokens[0]] = number
+        note_first_line(line_of, tokens[0], path, number, "path", "each image may be listed once")
         label = parse_int_label(path, number, tokens[1], None)
         if label < num_classes:
             out.append((number, tokens[0], label))
@@ -232,15 +230,14 @@ def ilsvrc_ground_truth_wnids(root: Path, devkit: Path | None) -> dict[str, str]
 
 def loc_solution_wnids(path: Path) -> dict[str, str]:
     """`LOC_val_solution.csv`: ImageId -> first wnid of PredictionString."""
-    out = {}
+    out, line_of = {}, {}
     for number, tokens in read_lines(path):
         if number == 1 and tokens[0].startswith("ImageId"):
             continue
         image_id, _, rest = " ".join(tokens).partition(",")
         if not rest or not re.match(r"n\d{8}", rest):
             raise AnnotationError(f"{path}:{number}: expected 'ImageId,<wnid> x y x y ...'")
-        if image_id in out:
-            raise AnnotationError(f"{path}:{number}: duplicate ImageId {image_id!r}")
+        note_first_line(line_of, image_id, path, number, "ImageId", "each image has one label")
         out[image_id] = rest.split()[0]
     return out
 

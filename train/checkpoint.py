@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from data.atomic import atomic_write, fsync_folder
+from data.atomic import atomic_write, fsync_folder, temporary_path
 from index.comm import all_gather_rows
 
 from .config import UserError
@@ -69,7 +69,7 @@ def atomic_save(obj, path: Path) -> None:
 
 def atomic_link(src: Path, dst: Path) -> None:
     """Point `dst` at the same bytes as `src` (hard link, else copy), replacing it atomically."""
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(dst)
     tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)
@@ -79,13 +79,29 @@ def atomic_link(src: Path, dst: Path) -> None:
     fsync_folder(dst.parent)
 
 
+def save_verified(state: dict, path: Path) -> None:
+    """Write `state` atomically with the digest that load_checkpoint checks."""
+    atomic_save({**state, "checksum": state_digest(state)}, path)
+
+
+def rng_states() -> list[torch.Tensor]:
+    """Every rank's CPU RNG state (collective), for a checkpoint that resumes each rank's draws."""
+    return [torch.from_numpy(r[0]) for r in all_gather_rows(torch.get_rng_state().numpy()[None])]
+
+
+def restore_rng(states: list[torch.Tensor], accelerator) -> None:
+    """This rank's RNG state from `rng_states()`'s list (skipped when the run has another number of ranks)."""
+    if len(states) == accelerator.num_processes:
+        torch.set_rng_state(states[accelerator.process_index])
+
+
 def save_checkpoint(run_dir: Path, state: dict, epoch: int, *, keep: int, is_best: bool) -> Path:
     """Write the epoch checkpoint (with its digest), update last (and best), prune old epoch files. Main
     process only."""
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"epoch-{epoch:04d}.pt"
-    atomic_save({**state, "checksum": state_digest(state)}, path)
+    save_verified(state, path)
     atomic_link(path, run_dir / "last.pt")
     if is_best:
         atomic_link(path, run_dir / "best.pt")
@@ -161,7 +177,6 @@ def load_resume_checkpoint(run_dir: Path, mmap: bool = False, warn: bool = True)
 def checkpoint_state(cfg, epoch, model, optimizer, scheduler, tables, best, accelerator, step=None) -> dict:
     """Everything a resumed run needs; every rank's RNG state is gathered into the one file.
     `epoch`/`step` name where to continue: step 0 of the next epoch, or mid-epoch after a preemption."""
-    rng = all_gather_rows(torch.get_rng_state().numpy()[None])
     return {"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "epoch": epoch + 1 if step is None else epoch,
             "step": step or 0, "targets": tables.targets.state_dict(),
@@ -169,7 +184,7 @@ def checkpoint_state(cfg, epoch, model, optimizer, scheduler, tables, best, acce
             "partners": None if tables.partners is None else torch.from_numpy(tables.partners),
             "loss_history": None if tables.loss_history is None else torch.from_numpy(tables.loss_history),
             "clean_per_net": None if tables.clean_per_net is None else torch.from_numpy(tables.clean_per_net),
-            "rng": [torch.from_numpy(r[0]) for r in rng], "best": best, "config": dataclasses.asdict(cfg)}
+            "rng": rng_states(), "best": best, "config": dataclasses.asdict(cfg)}
 
 
 def restore(state: dict, model, optimizer, scheduler, tables: Tables, accelerator) -> tuple[int, int, dict]:
@@ -184,6 +199,5 @@ def restore(state: dict, model, optimizer, scheduler, tables: Tables, accelerato
     tables.loss_history = None if history is None else history.numpy()
     per_net = state.get("clean_per_net")
     tables.clean_per_net = None if per_net is None else per_net.numpy()
-    if len(state["rng"]) == accelerator.num_processes:
-        torch.set_rng_state(state["rng"][accelerator.process_index])
+    restore_rng(state["rng"], accelerator)
     return state["epoch"], state.get("step", 0), state["best"]

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from accelerate.logging import get_logger
 
-from index.comm import all_gather_rows, gather_by_id
+from index.comm import gather_by_id
 
-from .checkpoint import DamagedCheckpoint, atomic_save, load_checkpoint, state_digest
+from .checkpoint import DamagedCheckpoint, load_checkpoint, restore_rng, rng_states, save_verified
 from .config import Config
 from .dataset import Data
 from .epoch import run_epoch
@@ -46,12 +46,11 @@ def partial_fold_file(run_dir: Path, fold: int) -> Path:
 
 def save_partial_fold(path: Path, model, optimizer, scheduler, position: dict, accelerator) -> None:
     """A stopped fold's model, optimizer, scheduler, position (epoch, step, best so far) and every rank's RNG."""
-    rng = all_gather_rows(torch.get_rng_state().numpy()[None])
     state = {"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "rng": [torch.from_numpy(r[0]) for r in rng], **position}
+             "scheduler": scheduler.state_dict(), "rng": rng_states(), **position}
     if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save({**state, "checksum": state_digest(state)}, path)
+        save_verified(state, path)
     accelerator.wait_for_everyone()
 
 
@@ -67,8 +66,7 @@ def restore_partial_fold(path: Path, model, optimizer, scheduler, accelerator) -
     accelerator.unwrap_model(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    if len(state["rng"]) == accelerator.num_processes:
-        torch.set_rng_state(state["rng"][accelerator.process_index])
+    restore_rng(state["rng"], accelerator)
     return state
 
 

@@ -64,10 +64,13 @@ def load_data(cfg: Config, accelerator: Accelerator) -> Data:
                 raise UserError(f"{root} has no split {split!r} (it has {', '.join(manifest['splits'])}); prepare "
                                 "it (a noisy val split: data.prepare --val-fraction F) or change "
                                 "--eval_splits/--train_split")
-            verify_split(root / split, manifest["splits"][split], manifest["num_classes"], crc=cfg.verify_crc)
+        tables = {split: verify_split(root / split, manifest["splits"][split], manifest["num_classes"],
+                                      crc=cfg.verify_crc) for split in [cfg.train_split, *cfg.eval_splits]}
         preset = get_preset(cfg.dataset, cfg.image_size or None)
-        train = ShardDataset(root / cfg.train_split, TrainTransform(preset=preset), preset.mode)
-        evals = {s: ShardDataset(root / s, EvalTransform(preset=preset), preset.mode) for s in cfg.eval_splits}
+        train = ShardDataset(root / cfg.train_split, TrainTransform(preset=preset), preset.mode,
+                             table=tables[cfg.train_split])
+        evals = {s: ShardDataset(root / s, EvalTransform(preset=preset), preset.mode, table=tables[s])
+                 for s in cfg.eval_splits}
     except ShardError as e:
         raise UserError(str(e)) from None
     if cfg.batch_size > len(train):

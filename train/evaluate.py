@@ -53,8 +53,8 @@ def evaluate_checkpoint(run: Path, checkpoint: str, splits: list[Path], accelera
                                 f"{', '.join(manifest['splits'])})")
             if manifest["num_classes"] != num_classes:
                 raise UserError(f"--split {split}: {manifest['num_classes']} classes, the model has {num_classes}")
-            verify_split(split, manifest["splits"][split.name], num_classes)
-            ds = ShardDataset(split, EvalTransform(preset=preset), preset.mode)
+            table = verify_split(split, manifest["splits"][split.name], num_classes)
+            ds = ShardDataset(split, EvalTransform(preset=preset), preset.mode, table=table)
         except ShardError as e:
             raise UserError(str(e)) from None
         results[str(split)] = evaluate(model, ds, accelerator, batch_size, workers)

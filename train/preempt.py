@@ -19,17 +19,14 @@ import sys
 import threading
 import time
 
-import torch
-import torch.distributed as dist
-
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 ORPHAN_DEADLINE_S = 20.0
 logger = logging.getLogger(__name__)
 
 
 class StopFlag:
-    """Set by a signal handler (or the launcher watchdog) on any rank; `agreed()` is True on every rank once any
-    rank saw it."""
+    """Set by a signal handler (or the launcher watchdog) on any rank; the training loop's per-step all-reduce
+    (`train.loop.step_flags`) makes every rank stop at the same step once any rank saw it."""
 
     def __init__(self):
         self.requested = False
@@ -57,16 +54,6 @@ class StopFlag:
     def exit_code(self) -> int:
         """130 after Ctrl-C (the shell's convention), else 0: a preempted job is requeued, not failed."""
         return 130 if self.signal_name == "SIGINT" else 0
-
-    def agreed(self) -> bool:
-        """Collective: every rank must call it at the same point (once per step)."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        if dist.get_backend() == "nccl":
-            flag = flag.cuda()
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
 
 
 def launched_by_launcher() -> bool:

@@ -15,7 +15,7 @@ import torch
 from conftest import REPO, accelerate_cmd, cpu_env
 
 from train.checkpoint import DamagedCheckpoint, load_checkpoint, load_resume_checkpoint, save_checkpoint
-from train.runfolder import RunLock, claim_run_dir
+from train.runfolder import claim_run_dir
 from train.config import UserError
 
 FAST = ["--progress", "false", "--warmup_epochs", "1", "--correction_epoch", "2", "--batch_size", "64",
