@@ -53,6 +53,16 @@ VARIANTS = {
     "mixnn-cosine": ["--method", "mixnn", "--metric", "cosine"],
     "mixnn-refined": ["--method", "mixnn", "--target_source", "refined"],
     "mixnn-update10": ["--method", "mixnn", "--target_update_every", "10"],  # the MixNN authors' target period
+    # the MixNN authors' released script (launch/configs/mixnn_authors.yaml), E_s = their es 10 on digits;
+    # bench/authors_compare.py adds their noise-dependent GMM window. Then each of its settings alone:
+    "mixnn-authors": ["--method", "mixnn", "--config_overlay", "mixnn_authors", "--correction_epoch", "9"],
+    "mixnn-probloss": ["--method", "mixnn", "--early_loss", "prob"],
+    "mixnn-plainwarmup": ["--method", "mixnn", "--warmup_data", "plain"],
+    "mixnn-batchtrain": ["--method", "mixnn", "--knn_scope", "batch", "--batch_knn_mode", "train"],
+    "mixnn-globalgmm": ["--method", "mixnn", "--gmm_split", "global", "--gmm_scale", "linear"],
+    "mixnn-corrected": ["--method", "mixnn", "--gmm_loss", "corrected"],
+    "mixnn-wd": ["--method", "mixnn", "--weight_decay", "0.001", "--lr_min", "0.001"],
+    "mixnn-es9": ["--method", "mixnn", "--correction_epoch", "9"],
 }
 
 

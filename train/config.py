@@ -59,6 +59,10 @@ class Config:
     #                              (clean samples of the anchor's corrected class)
     mix_start: str = "warmup"  # MixNN mixes with neighbours from: warmup (end of warm-up) | correction (E_s; plain
     #                            mixup with random in-batch partners before it, as the authors' code)
+    early_loss: str = "ce"  # MixNN's loss between warm-up and E_s: ce (soft cross-entropy) | prob (-sum_c y_c p_c, a
+    #                         bounded loss: the MixNN authors' F.nll_loss on softmax probabilities before E_s)
+    warmup_data: str = "augmented"  # warm-up epochs train on: augmented (shuffled, train transform) | plain (un-augmented
+    #                                 images in sample-id order, the same every epoch: the MixNN authors' warm-up loader)
     target_source: str = "prediction"  # what the EMA moves t toward: prediction (Eq. 12, p) | refined
     #                                    (w y + (1 - w) p with w = P(clean), DivideMix's label refinement)
     sharpen: float = 1.0  # temperature T applied to p before it enters the targets (1: none; DivideMix 0.5)
@@ -73,6 +77,8 @@ class Config:
     mixup_alpha: float = 1.0
     metric: str = "l2"  # l2 | cosine
     knn_scope: str = "global"  # global: the whole epoch set (paper) | batch: inside each mini-batch (authors' code)
+    batch_knn_mode: str = "eval"  # knn_scope batch: the un-mixed forward that finds the neighbours runs in eval mode |
+    #                               train (batch statistics, BatchNorm's running statistics updated: the authors' code)
     knn_index: str = "exact"  # exact | hnsw | ivf | clustered (approximate; recall@k vs exact is logged every epoch)
     knn_dim: int = 0  # >0: search on a PCA projection of the embeddings to this many dimensions (approximate;
     #                  cuts the search cost by d / knn_dim; recall@k against exact full-dimension search is logged)
@@ -350,6 +356,7 @@ CHOICES = {
     "gmm_split": ("auto", "global", "class"), "gmm_scale": ("auto", "linear", "log"),
     "selectmix_rule": ("mismatch", "cleanlab", "precursor"), "lr_schedule": ("cosine_restarts", "step"),
     "cache_images": ("auto", "true", "false"), "metric": ("l2", "cosine"), "knn_scope": ("global", "batch"),
+    "batch_knn_mode": ("eval", "train"), "early_loss": ("ce", "prob"), "warmup_data": ("augmented", "plain"),
     "knn_index": ("exact", "hnsw", "ivf", "clustered"), "embed_transfer": ("float32", "float16"),
     "mixed_precision": ("auto", "bf16", "no"),
 }
@@ -397,6 +404,10 @@ def check(cfg: Config) -> Config:
                 raise ConfigError(f"--{key} is a DivideMix setting; it does nothing with --method {cfg.method}")
     if cfg.guess != "none" and cfg.method not in GUESSING:
         raise ConfigError(f"--guess {cfg.guess} works with --method {', '.join(GUESSING)}, not {cfg.method}")
+    if cfg.early_loss != "ce" and cfg.method != "mixnn":
+        raise ConfigError(f"--early_loss works with --method mixnn, not {cfg.method}")
+    if cfg.batch_knn_mode != "eval" and (cfg.method != "mixnn" or cfg.knn_scope != "batch"):
+        raise ConfigError("--batch_knn_mode works with --method mixnn --knn_scope batch")
     if cfg.select_mixup and cfg.method != "select-correct":
         raise ConfigError(f"--select_mixup works with --method select-correct, not {cfg.method}")
     if cfg.pretrained == "required":

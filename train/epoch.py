@@ -1,12 +1,13 @@
 """One epoch of Algorithm 1 for every method: plan, refresh of the tables, training pass, evaluation."""
 from __future__ import annotations
 
+import copy
 import resource
 import time
 
 import numpy as np
 
-from data.plan import build_epoch_plan, epoch_rng
+from data.plan import EpochPlan, build_epoch_plan, epoch_rng, pad_to_batches
 from data.reader import id_loader
 from index.comm import all_gather_rows
 
@@ -29,12 +30,27 @@ def train_batches(cfg, epoch, plan, method, tables, rank) -> list[np.ndarray]:
 
 def epoch_method(cfg: Config, epoch: int, method):
     """The method an epoch trains with: CE during warm-up; with `mix_start: correction`, MixNN trains as
-    plain mixup (random in-batch partner) until E_s, as the MixNN authors' code does."""
+    plain mixup (random in-batch partner) until E_s, as the MixNN authors' code does; with `early_loss`,
+    MixNN's loss before E_s is that criterion (the authors': -p[label])."""
     if epoch < cfg.warmup_epochs:
         return CrossEntropy()
-    if method.name == "mixnn" and cfg.mix_start == "correction" and epoch < max(cfg.correction_epoch, 0):
-        return Mixup(cfg.mixup_alpha)
+    early = method.name == "mixnn" and epoch < max(cfg.correction_epoch, 0)
+    if early and cfg.mix_start == "correction":
+        method = Mixup(cfg.mixup_alpha)
+    if early and cfg.early_loss != method.criterion:
+        method = copy.copy(method)
+        method.criterion = cfg.early_loss
     return method
+
+
+def warmup_plan(cfg: Config, epoch: int, plan, data: Data):
+    """(plan, dataset) of the training pass: with `warmup_data: plain`, a warm-up epoch reads every sample in
+    id order through the eval transform (the MixNN authors warm up on their un-shuffled, un-augmented
+    loader); otherwise the epoch's plan through the train transform."""
+    if epoch >= cfg.warmup_epochs or cfg.warmup_data != "plain":
+        return plan, data.train
+    ids = pad_to_batches(np.arange(len(data.train), dtype=np.int64), plan.batch_size)
+    return EpochPlan(ids, plan.batch_size, plan.world_size), data.train_plain
 
 
 def memorisation_due(cfg: Config, epoch: int) -> bool:
@@ -76,11 +92,12 @@ def run_epoch(cfg: Config, epoch: int, model, optimizer, method, data: Data, tab
         metrics["train_fraction"] = len(keep) / max(len(epoch_ids), 1)
         plan = make_plan(keep)
     method = epoch_method(cfg, epoch, method)
+    plan, dataset = warmup_plan(cfg, epoch, plan, data)
     seed = (cfg.seed * 1_000_003 + epoch) * 1009 + rank
     t0 = time.perf_counter()
     batches = train_batches(cfg, epoch, plan, method, tables, rank)[start_step:]
     metrics["time_partners"] = time.perf_counter() - t0
-    loader = id_loader(data.train, batches, cfg.workers, seed, first_step=start_step)
+    loader = id_loader(dataset, batches, cfg.workers, seed, first_step=start_step)
     step_loss = method_loss(method, tables, seed, model, prior=cfg.prior_penalty and epoch >= cfg.warmup_epochs)
     stats = train_one_epoch(model, optimizer, step_loss, loader, accelerator, data.input_shape,
                             progress=cfg.progress and accelerator.is_local_main_process, stop=stop,

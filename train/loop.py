@@ -12,7 +12,7 @@ from tqdm import tqdm
 from data.reader import ShardDataset, id_loader
 from index.comm import all_gather_rows
 
-from .methods import Tables, prior_penalty, soft_cross_entropy
+from .methods import Tables, prior_penalty
 from .metrics import topk_correct
 from .models import embed_and_classify
 
@@ -78,7 +78,7 @@ def zero_loss_step(model, shape, accelerator) -> torch.Tensor:
 
 
 def method_loss(method, tables: Tables, seed: int, model, prior: bool = False):
-    """The per-step loss of a mixing method: its mixed inputs and soft targets, soft CE (Eq. 7), plus
+    """The per-step loss of a mixing method: its mixed inputs and soft targets, its loss (soft CE, Eq. 7), plus
     DivideMix's prior penalty when `prior`. The mixing RNG is seeded per (seed, step), so a run resumed
     mid-epoch draws what it would have drawn."""
     def step_loss(batch: dict, step: int):
@@ -87,7 +87,7 @@ def method_loss(method, tables: Tables, seed: int, model, prior: bool = False):
         if not len(inputs):
             return None, 0
         logits = model(inputs)
-        loss = soft_cross_entropy(logits, targets.to(inputs.device))
+        loss = method.loss(logits, targets.to(inputs.device))
         return (loss + prior_penalty(logits) if prior else loss), len(inputs)
     return step_loss
 

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import (CrossEntropy, Tables, beta_draw, clean_weights, group_rows, guessed_targets, mix_groups, prior_penalty,
-                   sharpen_rows, soft_cross_entropy, unwrap)
+from .base import (CRITERIA, CrossEntropy, Tables, beta_draw, clean_weights, group_rows, guessed_targets, mix_groups, prior_penalty,
+                   probability_loss, sharpen_rows, soft_cross_entropy, unwrap)
 from .mixnn import MixNN, MixNNInBatch
 from .mixup import Mixup
 from .select import ConfidentLearning, Select, SelectCorrect
 from .selectmix import SelectMix
 
-__all__ = ["beta_draw", "ConfidentLearning", "CrossEntropy", "Mixup", "MixNN", "MixNNInBatch", "Select", "SelectCorrect", "SelectMix", "Tables", "clean_weights", "create_method",
-           "group_rows", "guessed_targets", "mix_groups", "prior_penalty", "sharpen_rows", "soft_cross_entropy", "unwrap"]
+__all__ = ["CRITERIA", "beta_draw", "ConfidentLearning", "CrossEntropy", "Mixup", "MixNN", "MixNNInBatch", "Select", "SelectCorrect", "SelectMix", "Tables", "clean_weights", "create_method",
+           "group_rows", "guessed_targets", "mix_groups", "prior_penalty", "probability_loss", "sharpen_rows", "soft_cross_entropy", "unwrap"]
 
 
 NEEDS_CROSS_VALIDATION = ("selectmix", "confident-learning")
@@ -31,7 +31,8 @@ def create_method(cfg, labels: np.ndarray | None = None, num_classes: int = 0, o
         return Mixup(cfg.mixup_alpha)
     guess = cfg.sharpen if getattr(cfg, "guess", "none") == "online" else None
     if cfg.method == "mixnn" and getattr(cfg, "knn_scope", "global") == "batch":
-        return MixNNInBatch(cfg.k, cfg.weights, cfg.mixup_alpha, guess=guess, threshold=cfg.clean_threshold)
+        return MixNNInBatch(cfg.k, cfg.weights, cfg.mixup_alpha, guess=guess, threshold=cfg.clean_threshold,
+                            mode=getattr(cfg, "batch_knn_mode", "eval"))
     if cfg.method == "mixnn":
         return MixNN(cfg.k, cfg.weights, cfg.partners, cfg.mixup_alpha, guess=guess, threshold=cfg.clean_threshold)
     if cfg.method == "select":

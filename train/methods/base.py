@@ -38,6 +38,15 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -(targets * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
 
 
+def probability_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of -sum_c y_c softmax(logits)_c: a bounded loss in [-1, 0] that a wrong label pulls
+    on less than cross-entropy does (the MixNN authors' `F.nll_loss` on softmax probabilities before E_s)."""
+    return -(targets * torch.softmax(logits.float(), dim=1)).sum(1).mean()
+
+
+CRITERIA = {"ce": soft_cross_entropy, "prob": probability_loss}
+
+
 def sharpen_rows(p: torch.Tensor, temperature: float) -> torch.Tensor:
     """p^(1/T) renormalised per row."""
     powered = p.clamp_min(1e-12) ** (1.0 / temperature)
@@ -94,6 +103,11 @@ class CrossEntropy:
 
     name, num_partners = "ce", 0
     uses_tables = False  # True: the epoch refreshes the per-sample tables (GMM, targets, neighbours) first
+    criterion = "ce"  # the per-step loss of (logits, targets): a CRITERIA key
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The step's loss of the mixed inputs' logits against their soft targets (Eq. 7 unless `criterion`)."""
+        return CRITERIA[self.criterion](logits, targets)
 
     def train_ids(self, ids: np.ndarray, tables: Tables) -> np.ndarray | None:
         """The ids this epoch trains on, when the method keeps only some of the epoch's ids (else None)."""

@@ -75,9 +75,11 @@ class MixNNInBatch(MixNN):
     name = "mixnn"
 
     def __init__(self, k: int = 1, weights: str = "clean", alpha: float = 1.0, guess: float | None = None,
-                 threshold: float = 0.5):
+                 threshold: float = 0.5, mode: str = "eval"):
         super().__init__(k, weights, "knn", alpha, guess, threshold)
         self.k, self.num_partners = k, 0  # partners come from the batch itself, none are read by id
+        self.mode = mode  # the un-mixed forward in eval mode, or in train mode (BatchNorm on the batch, its
+        #                   running statistics updated, as the authors' first forward of each step)
 
     def inputs_targets(self, batch, tables, generator, model=None):
         images, ids, valid = group_rows(batch, 0)
@@ -85,7 +87,7 @@ class MixNNInBatch(MixNN):
         if len(images) < 2:
             return images, tables.targets.rows(ids).to(images.device)
         was_training = model.training
-        model.eval()
+        model.train(self.mode == "train")
         with torch.no_grad():
             features = unwrap(model).forward_head(unwrap(model).forward_features(images), pre_logits=True)
         model.train(was_training)

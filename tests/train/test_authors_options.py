@@ -1,0 +1,103 @@
+"""The options that reproduce the MixNN authors' released script: pre-E_s loss, train-mode in-batch
+neighbours, un-augmented warm-up in id order, and launch/configs/mixnn_authors.yaml."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from data.plan import build_epoch_plan
+from train.config import CONFIG_DIR, Config, ConfigError, load_config
+from train.epoch import epoch_method, warmup_plan
+from train.methods import CrossEntropy, MixNN, MixNNInBatch, Mixup, Tables, probability_loss, soft_cross_entropy
+from train.targets import SoftTargets
+
+
+def test_probability_loss_is_minus_the_probability_of_the_target():
+    logits = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])  # softmax (0.75, 0.25) and (0.5, 0.5)
+    loss = probability_loss(logits, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert loss.item() == pytest.approx(-(0.75 + 0.5) / 2)
+    # bounded: a confidently wrong label costs at most 1, where cross-entropy grows without limit
+    wrong = torch.tensor([[20.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    assert probability_loss(*wrong).item() > -1e-6 and soft_cross_entropy(*wrong).item() > 19
+
+
+def test_the_early_loss_applies_between_warm_up_and_correction_only():
+    cfg = Config(warmup_epochs=2, correction_epoch=5, early_loss="prob")
+    method = MixNN()
+    assert isinstance(epoch_method(cfg, 1, method), CrossEntropy) and epoch_method(cfg, 1, method).criterion == "ce"
+    early = epoch_method(cfg, 3, method)
+    assert isinstance(early, MixNN) and early.criterion == "prob" and method.criterion == "ce"  # a copy
+    assert epoch_method(cfg, 5, method) is method
+    logits, targets = torch.randn(4, 3), torch.softmax(torch.randn(4, 3), 1)
+    assert early.loss(logits, targets) == probability_loss(logits, targets)
+    assert method.loss(logits, targets) == soft_cross_entropy(logits, targets)
+    mixup = epoch_method(Config(warmup_epochs=2, correction_epoch=5, early_loss="prob", mix_start="correction"), 3, method)
+    assert isinstance(mixup, Mixup) and mixup.criterion == "prob"  # the authors' pre-E_s phase: mixup, -p loss
+    assert epoch_method(Config(warmup_epochs=2, correction_epoch=-1, early_loss="prob"), 3, method) is method
+
+
+class TinyNet(torch.nn.Module):
+    """Linear -> BatchNorm features, a linear classifier: timm's forward_features/forward_head interface."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.bn, self.fc = torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2)
+
+    def forward_features(self, x):
+        return self.bn(self.body(x.flatten(1)))
+
+    def forward_head(self, x, pre_logits=False):
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x):
+        return self.fc(self.forward_features(x))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_in_batch_neighbours_in_train_mode_update_batchnorm_like_the_authors_first_forward(mode):
+    torch.manual_seed(0)
+    model = TinyNet().train()
+    tables = Tables(SoftTargets(np.zeros(8, dtype=np.int64), 2), clean=np.full(8, 0.5, np.float32))
+    batch = {"images": torch.randn(8, 1, 2, 2) + 3.0, "ids": torch.arange(8), "valid": torch.ones(8, dtype=torch.bool)}
+    before = model.bn.running_mean.clone()
+    x, y = MixNNInBatch(mode=mode).inputs_targets(batch, tables, torch.Generator().manual_seed(0), model=model)
+    assert x.shape == (8, 1, 2, 2) and torch.allclose(y.sum(1), torch.ones(8))
+    assert model.training  # the mode is restored for the training forward
+    moved = not torch.equal(model.bn.running_mean, before)
+    assert moved == (mode == "train")
+
+
+def test_plain_warm_up_reads_every_sample_in_id_order_through_the_eval_transform():
+    class Data:
+        train, train_plain = list(range(10)), "plain view"
+
+    plan = build_epoch_plan(np.zeros(10, dtype=np.int64), seed=0, epoch=0, batch_size=4, world_size=2)
+    cfg = Config(warmup_epochs=2, warmup_data="plain")
+    warm, dataset = warmup_plan(cfg, 1, plan, Data)
+    assert dataset == "plain view" and warm.ids.tolist() == [*range(10), 0, 1]  # padded to whole batches
+    assert [b.tolist() for b in warm.batches(1)] == [[2, 3], [6, 7], [0, 1]]
+    assert warmup_plan(cfg, 1, plan, Data)[0].ids.tolist() == warm.ids.tolist()  # the same every epoch
+    assert warmup_plan(cfg, 2, plan, Data) == (plan, Data.train)  # after warm-up: the epoch's own plan
+    assert warmup_plan(Config(warmup_epochs=2), 0, plan, Data) == (plan, Data.train)
+
+
+def test_authors_options_are_checked():
+    with pytest.raises(ConfigError, match="--early_loss works with --method mixnn"):
+        load_config(["--method", "ce", "--early_loss", "prob"])
+    with pytest.raises(ConfigError, match="--batch_knn_mode works with --method mixnn --knn_scope batch"):
+        load_config(["--batch_knn_mode", "train"])
+    with pytest.raises(ConfigError, match="--warmup_data must be one of augmented, plain"):
+        load_config(["--warmup_data", "clean"])
+
+
+def test_mixnn_authors_config_follows_their_script():
+    cfg = load_config(["--config", f"{CONFIG_DIR}/digits.yaml,{CONFIG_DIR}/mixnn_authors.yaml", "--correction_epoch", "9"])
+    expected = dict(method="mixnn", k=1, weights="clean", knn_scope="batch", batch_knn_mode="train", mix_start="correction",
+                    mixup_alpha=1.0, early_loss="prob", warmup_data="plain", ema=0.9, target_update_every=10,
+                    gmm_loss="corrected", gmm_split="global", gmm_scale="linear", gmm_loss_window=1, lr_min=0.001,
+                    weight_decay=0.001, restart_period=10, correction_epoch=9, warmup_epochs=5, epochs=60)
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    from train.tables import correction_due  # their soft labels move in 1-based epochs 10, 20, ..., 60
+
+    assert [e + 1 for e in range(60) if correction_due(cfg, e)] == [10, 20, 30, 40, 50, 60]
