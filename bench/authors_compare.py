@@ -37,10 +37,11 @@ def authors_arguments(method: str, noise: str, epochs: int) -> list[str]:
 
 
 def our_variant(method: str, variant: str, noise: str) -> str:
-    """`mixnn-authors` with the authors' noise-dependent GMM window (5 refreshes only at r = 0.8, their
-    train_cifar_with_MixNN.py:214); every other variant as named."""
-    if variant == "mixnn-authors" and float(noise.split(":")[1]) == 0.8:
-        return variant + "+gmm_loss_window=5"
+    """`mixnn-authors` / `dividemix-authors` with their authors' noise-dependent GMM window (5 refreshes only at
+    r = 0.8, train_cifar_with_MixNN.py:214; only at r = 0.9, Train_cifar.py:178); every other variant as named."""
+    rate = float(noise.split(":")[1])
+    if variant == "mixnn-authors" and rate == 0.8 or variant == "dividemix-authors" and rate == 0.9:
+        return variant + "+gmm_loss_window=5"  # DivideMix's Train_cifar.py:178 averages only at 0.9
     return variant
 
 

@@ -20,8 +20,8 @@ import json
 import numpy as np
 import torch
 
-from authors import (Change, Pairs, apply_changes, base_arguments, label_correction, module_from_source,
-                     our_network, print_changes, run_source, seed_everything, shard_datasets, write_result)
+from authors_common import (Change, Pairs, apply_changes, base_arguments, label_correction, module_from_source,
+                     our_network, print_changes, read_source, run_source, seed_everything, shard_datasets, write_result)
 
 COMMIT = "99e4b12"
 
@@ -30,7 +30,7 @@ TRAIN_CHANGES = [
            "their ResNet-34 is replaced by our network (model creation below)"),
     Change("from MixNN_Final_Source_Code.dataloader_cifar import cifar_dataloader\n",
            "from mixnn_adapter import cifar_dataloader, authors_model, knn_positions\n",
-           "their CIFAR loader is replaced by one over our shards with the same interface (bench/authors.py)"),
+           "their CIFAR loader is replaced by one over our shards with the same interface (bench/authors_common.py)"),
     Change("from MixNN_Final_Source_Code.loss import", "from mixnn_loss import",
            "their loss.py, loaded from their checkout with its CUDA calls made device-neutral"),
     Change("import nmslib\n", "", "nmslib is not installed here; the in-batch search below is exact"),
@@ -117,7 +117,7 @@ def adapter_module(args):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     base_arguments(p)
-    p.add_argument("--r", type=float, required=True, help="noise rate of the shards (their script averages the "
+    p.add_argument("--r", type=float, help="noise rate of the shards (their script averages the "
                    "GMM's losses over 5 epochs only when it is 0.8)")
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--warmup", type=int, default=6)
@@ -128,14 +128,14 @@ def main() -> None:
     if args.print_changes:
         print_changes({"train_cifar_with_MixNN.py": TRAIN_CHANGES, "loss.py": LOSS_CHANGES})
         return
-    if args.out is None:
-        p.error("--out is required")
+    if args.out is None or args.r is None:
+        p.error("--out and --r are required")
     if args.reuse and (args.out / "result.json").is_file():
         print(json.loads((args.out / "result.json").read_text()))
         return
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
-    read = lambda name: (args.authors / name).read_text().replace("\r\n", "\n")  # their files have CRLF ends
+    read = lambda name: read_source(args.authors / name)  # their files have CRLF line ends
     loss_source = apply_changes(read("loss.py"), LOSS_CHANGES, "loss.py", COMMIT)
     train_source = apply_changes(read("train_cifar_with_MixNN.py"), TRAIN_CHANGES, "train_cifar_with_MixNN.py", COMMIT)
     adapter, train = adapter_module(args)

@@ -46,10 +46,14 @@ class Config:
     correction_epoch: int = 10  # E_s: soft targets move by EMA from this 0-based epoch on (-1: never)
     target_update_every: int = 1  # after E_s, move the soft targets every N-th refresh epoch only (E_s, E_s + N,
     #                               ...): 1 is the paper's Eq. 12 every epoch; the MixNN authors' code uses 10
+    target_update: str = "refresh"  # where Eq. 12 takes p from: refresh (eval mode, un-augmented, at the epoch's
+    #                                 refresh) | step (the un-mixed train-mode forward of each training step, used by
+    #                                 that step's loss: the authors' loss.py; needs knn_scope batch)
     ema: float = 0.9
     gmm_loss: str = "given"  # loss the GMM sees: against the given label or the corrected argmax(t)
     refresh_every: int = 1  # refresh tables every R epochs after warm-up (1: every epoch, the paper; needs num_batches 0)
-    gmm_loss_window: int = 5  # fit the GMM on each sample's loss averaged over the last W refreshes
+    gmm_loss_window: int = 0  # fit the GMM on each sample's loss averaged over the last W refreshes (0: the method's
+    #                           default, METHOD_DEFAULTS: 5; DivideMix 1, as its authors' scripts below 90% noise)
     gmm_split: str = "auto"  # global: one mixture over all samples (the papers) | class: one per label (the
     #                          label the loss is against), so each class gets its own split point | auto: GMM_DEFAULTS
     gmm_scale: str = "auto"  # the mixture is fit on min-max normalised losses (linear) or log-losses (log) | auto
@@ -74,7 +78,8 @@ class Config:
     prior_penalty: bool = False  # + KL(uniform || mean batch prediction) after warm-up (DivideMix's regulariser)
     clean_threshold: float = 0.5  # P(clean) above which a sample counts as clean (select, pools, metrics)
     memorisation_every: int = 5  # methods without a refresh pass: measure memorisation every N epochs (0: never)
-    mixup_alpha: float = 1.0
+    mixup_alpha: float = 0.0  # Beta(alpha, alpha) of the mixing draws (0: the method's default, METHOD_DEFAULTS: 1;
+    #                           DivideMix 4, its authors' Train_cifar.py)
     metric: str = "l2"  # l2 | cosine
     knn_scope: str = "global"  # global: the whole epoch set (paper) | batch: inside each mini-batch (authors' code)
     batch_knn_mode: str = "eval"  # knn_scope batch: the un-mixed forward that finds the neighbours runs in eval mode |
@@ -135,6 +140,9 @@ DIVIDEMIX_ONLY = ("p_threshold", "temperature", "lambda_u", "rampup_epochs", "wa
 # losses for DivideMix (as published) and `select` (the per-class split starves it: docs/benchmarks.md).
 GMM_DEFAULTS = {"mixnn": ("class", "log"), "select-correct": ("class", "log")}
 PAPER_GMM = ("global", "linear")
+# Keys whose value 0 means "the method's default": (default, {method: its own}). DivideMix follows its authors'
+# Train_cifar.py: alpha 4, and the GMM on the last refresh's losses (they average 5 epochs only at 90% noise).
+METHOD_DEFAULTS = {"mixup_alpha": (1.0, {"dividemix": 4.0}), "gmm_loss_window": (5, {"dividemix": 1})}
 # A run folder's config.yaml records every key its version knew, so a resumed run keeps its settings - except
 # keys added later whose default has changed since: a config.yaml that lacks one was written before the key
 # existed, and the key's first default is what that run did. Whoever changes a default adds the key here with
@@ -335,8 +343,8 @@ RANGES = {
     "ema": (lambda v: 0 <= v < 1, "in [0, 1) (to keep the targets fixed: --correction_epoch -1)"),
     "k": (lambda v: v >= 1, ">= 1"), "refresh_every": (lambda v: v >= 1, ">= 1"),
     "target_update_every": (lambda v: v >= 1, ">= 1 epoch"),
-    "gmm_loss_window": (lambda v: v >= 1, ">= 1"), "clean_threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "memorisation_every": (lambda v: v >= 0, ">= 0 (0: never)"), "mixup_alpha": (lambda v: v > 0, "> 0"),
+    "gmm_loss_window": (lambda v: v >= 0, ">= 1, or 0 (the method's default)"), "clean_threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "memorisation_every": (lambda v: v >= 0, ">= 0 (0: never)"), "mixup_alpha": (lambda v: v >= 0, "> 0, or 0 (the method's default)"),
     "knn_dim": (lambda v: v >= 0, ">= 0 (0: search the full embeddings)"), "hnsw_m": (lambda v: v >= 2, ">= 2"),
     "hnsw_ef": (lambda v: v >= 1, ">= 1"), "ivf_nprobe": (lambda v: v >= 1, ">= 1"),
     "clustered_nprobe": (lambda v: v >= 1, ">= 1"), "recall_queries": (lambda v: v >= 1, ">= 1"),
@@ -356,7 +364,7 @@ CHOICES = {
     "gmm_split": ("auto", "global", "class"), "gmm_scale": ("auto", "linear", "log"),
     "selectmix_rule": ("mismatch", "cleanlab", "precursor"), "lr_schedule": ("cosine_restarts", "step"),
     "cache_images": ("auto", "true", "false"), "metric": ("l2", "cosine"), "knn_scope": ("global", "batch"),
-    "batch_knn_mode": ("eval", "train"), "early_loss": ("ce", "prob"), "warmup_data": ("augmented", "plain"),
+    "batch_knn_mode": ("eval", "train"), "target_update": ("refresh", "step"), "early_loss": ("ce", "prob"), "warmup_data": ("augmented", "plain"),
     "knn_index": ("exact", "hnsw", "ivf", "clustered"), "embed_transfer": ("float32", "float16"),
     "mixed_precision": ("auto", "bf16", "no"),
 }
@@ -393,10 +401,13 @@ def check_values(cfg: Config) -> None:
 
 
 def check(cfg: Config) -> Config:
-    """Values outside their choices and ranges, and settings that are wrong together; `auto` GMM settings
-    resolved for the method (what RUN/config.yaml then records)."""
+    """Values outside their choices and ranges, and settings that are wrong together; `auto` GMM settings and
+    the METHOD_DEFAULTS keys left at 0 resolved for the method (what RUN/config.yaml then records)."""
     check_values(cfg)
     cfg.gmm_split, cfg.gmm_scale = gmm_setting(cfg)
+    for key, (default, per_method) in METHOD_DEFAULTS.items():
+        if not getattr(cfg, key):
+            setattr(cfg, key, type(default)(per_method.get(cfg.method, default)))
     defaults = Config()
     if cfg.method != "dividemix":
         for key in DIVIDEMIX_ONLY:
@@ -406,6 +417,10 @@ def check(cfg: Config) -> Config:
         raise ConfigError(f"--guess {cfg.guess} works with --method {', '.join(GUESSING)}, not {cfg.method}")
     if cfg.early_loss != "ce" and cfg.method != "mixnn":
         raise ConfigError(f"--early_loss works with --method mixnn, not {cfg.method}")
+    if cfg.target_update == "step" and (cfg.method != "mixnn" or cfg.knn_scope != "batch" or cfg.guess != "none"
+                                        or cfg.sharpen != 1.0 or cfg.target_source != "prediction"):
+        raise ConfigError("--target_update step works with --method mixnn --knn_scope batch (the step's un-mixed "
+                          "forward gives p), target_source prediction, sharpen 1 and guess none")
     if cfg.batch_knn_mode != "eval" and (cfg.method != "mixnn" or cfg.knn_scope != "batch"):
         raise ConfigError("--batch_knn_mode works with --method mixnn --knn_scope batch")
     if cfg.select_mixup and cfg.method != "select-correct":

@@ -15,7 +15,8 @@ from .config import Config
 from .dataset import Data
 from .loop import eval_batch_size, evaluate, method_loss, train_one_epoch
 from .methods import CrossEntropy, Mixup, Tables
-from .tables import check_tables_identical, memorisation_pass, refresh_due, refresh_tables, table_metrics
+from .tables import (apply_step_updates, check_tables_identical, correction_due, memorisation_pass, refresh_due,
+                     refresh_tables, table_metrics)
 
 
 def train_batches(cfg, epoch, plan, method, tables, rank) -> list[np.ndarray]:
@@ -40,6 +41,9 @@ def epoch_method(cfg: Config, epoch: int, method):
     if early and cfg.early_loss != method.criterion:
         method = copy.copy(method)
         method.criterion = cfg.early_loss
+    if cfg.target_update == "step" and method.name == "mixnn" and correction_due(cfg, epoch):
+        method = copy.copy(method)
+        method.step_momentum, method.step_updates = cfg.ema, []
     return method
 
 
@@ -102,6 +106,8 @@ def run_epoch(cfg: Config, epoch: int, model, optimizer, method, data: Data, tab
     stats = train_one_epoch(model, optimizer, step_loss, loader, accelerator, data.input_shape,
                             progress=cfg.progress and accelerator.is_local_main_process, stop=stop,
                             start_step=start_step)
+    if getattr(method, "step_momentum", None) is not None:  # target_update: step (also when preempted mid-epoch)
+        metrics["targets_moved_in_steps"] = apply_step_updates(tables, method.step_updates, method.step_momentum)
     metrics.update(pass_totals(stats))
     t0 = time.perf_counter()
     metrics.update(table_metrics(data.train, tables, epoch_ids))

@@ -118,6 +118,19 @@ def update_targets(tables: Tables, stats: RefreshStats, new: np.ndarray, momentu
         tables.targets.assign(ids, torch.from_numpy(part))
 
 
+def apply_step_updates(tables: Tables, updates: list[tuple[np.ndarray, np.ndarray]], momentum: float) -> int:
+    """Write the soft-target moves of an epoch's training steps (`target_update: step`) into the tables of
+    every rank: all ranks' (ids, p) in rank and step order, an id moved once (its first step: a padded
+    epoch repeats a few ids). Returns the number of samples moved."""
+    ids = np.concatenate([u[0] for u in updates]) if updates else np.zeros(0, np.int64)
+    probs = np.concatenate([u[1] for u in updates]) if updates else np.zeros((0, tables.targets.num_classes), np.float32)
+    ids, probs = np.concatenate(all_gather_rows(ids)), np.concatenate(all_gather_rows(probs.astype(np.float32)))
+    ids, first = np.unique(ids, return_index=True)
+    if len(ids):
+        tables.targets.assign(ids, tables.targets.ema_rows(ids, torch.from_numpy(probs[first]), momentum))
+    return len(ids)
+
+
 def refresh_train(cfg: Config, model, data: Data, ids: np.ndarray, accelerator, progress: bool = False) -> RefreshStats:
     """The refresh pass (eval mode, no augmentation) over this rank's training ids."""
     return refresh(accelerator.unwrap_model(model), data.train_plain, ids, accelerator, eval_batch_size(cfg, accelerator),
@@ -138,7 +151,7 @@ def refresh_tables(cfg: Config, epoch: int, model, data: Data, plan, tables: Tab
                                                          accelerator.is_main_process, labels)
     tables.clean = clean
     t2 = time.perf_counter()
-    if correction_due(cfg, epoch):
+    if correction_due(cfg, epoch) and cfg.target_update == "refresh":
         update_targets(tables, stats, target_rows(cfg, stats, data.train.labels, clean), cfg.ema)
     t3 = time.perf_counter()
     if cfg.knn_scope == "global":

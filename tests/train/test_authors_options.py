@@ -50,6 +50,9 @@ class TinyNet(torch.nn.Module):
     def forward_head(self, x, pre_logits=False):
         return x if pre_logits else self.fc(x)
 
+    def get_classifier(self):
+        return self.fc
+
     def forward(self, x):
         return self.fc(self.forward_features(x))
 
@@ -95,9 +98,33 @@ def test_mixnn_authors_config_follows_their_script():
     cfg = load_config(["--config", f"{CONFIG_DIR}/digits.yaml,{CONFIG_DIR}/mixnn_authors.yaml", "--correction_epoch", "9"])
     expected = dict(method="mixnn", k=1, weights="clean", knn_scope="batch", batch_knn_mode="train", mix_start="correction",
                     mixup_alpha=1.0, early_loss="prob", warmup_data="plain", ema=0.9, target_update_every=10,
+                    target_update="step",
                     gmm_loss="corrected", gmm_split="global", gmm_scale="linear", gmm_loss_window=1, lr_min=0.001,
                     weight_decay=0.001, restart_period=10, correction_epoch=9, warmup_epochs=5, epochs=60)
     assert {k: getattr(cfg, k) for k in expected} == expected
     from train.tables import correction_due  # their soft labels move in 1-based epochs 10, 20, ..., 60
 
     assert [e + 1 for e in range(60) if correction_due(cfg, e)] == [10, 20, 30, 40, 50, 60]
+
+
+def test_step_target_updates_move_the_batch_in_its_own_loss_and_reach_the_tables_at_the_epochs_end():
+    from train.tables import apply_step_updates
+
+    torch.manual_seed(0)
+    model = TinyNet().train()
+    tables = Tables(SoftTargets(np.zeros(8, dtype=np.int64), 2), clean=np.full(8, 0.5, np.float32))
+    batch = {"images": torch.randn(8, 1, 2, 2), "ids": torch.arange(8), "valid": torch.ones(8, dtype=torch.bool)}
+    method = epoch_method(Config(method="mixnn", knn_scope="batch", target_update="step", correction_epoch=3,
+                                 target_update_every=10, warmup_epochs=0), 3, MixNNInBatch(mode="train"))
+    assert method.step_momentum == 0.9
+    _, y = method.inputs_targets(batch, tables, torch.Generator().manual_seed(0), model=model)
+    assert (y[:, 1] > 0).all()  # every target moved 10% toward the prediction before the loss used it
+    assert torch.equal(tables.targets.rows([0]), torch.tensor([[1.0, 0.0]]))  # the tables wait for the epoch's end
+    ids, p = method.step_updates[0]
+    assert apply_step_updates(tables, method.step_updates + [(ids[:2], 1 - p[:2])], 0.9) == 8  # a repeat: once
+    assert torch.allclose(tables.targets.rows(list(range(8))), 0.9 * torch.tensor([1.0, 0.0]) + 0.1 * torch.from_numpy(p),
+                          atol=1e-3)
+    assert epoch_method(Config(knn_scope="batch", target_update="step", correction_epoch=3, target_update_every=10,
+                               warmup_epochs=0), 4, MixNNInBatch()).step_momentum is None  # not a due epoch
+    with pytest.raises(ConfigError, match="--target_update step works with --method mixnn --knn_scope batch"):
+        load_config(["--target_update", "step"])

@@ -80,6 +80,16 @@ class MixNNInBatch(MixNN):
         self.k, self.num_partners = k, 0  # partners come from the batch itself, none are read by id
         self.mode = mode  # the un-mixed forward in eval mode, or in train mode (BatchNorm on the batch, its
         #                   running statistics updated, as the authors' first forward of each step)
+        self.step_momentum = None  # set for an epoch whose soft targets move in the training steps (see below)
+        self.step_updates: list[tuple[np.ndarray, np.ndarray]] = []  # (ids, softmax) of this epoch's steps
+
+    def updated_targets(self, ids: torch.Tensor, logits: torch.Tensor, tables: Tables) -> torch.Tensor:
+        """`target_update: step`: Eq. 12 from the prediction of this step's un-mixed forward, t' = a t + (1 - a) p,
+        used by this step's loss (the authors' loss.py:60-63); the (ids, p) are kept so the epoch's end writes
+        them into every rank's tables (`train.tables.apply_step_updates`)."""
+        p = torch.softmax(logits.float(), 1).cpu()
+        self.step_updates.append((ids.numpy().copy(), p.numpy()))
+        return self.step_momentum * tables.targets.rows(ids) + (1 - self.step_momentum) * p
 
     def inputs_targets(self, batch, tables, generator, model=None):
         images, ids, valid = group_rows(batch, 0)
@@ -90,10 +100,13 @@ class MixNNInBatch(MixNN):
         model.train(self.mode == "train")
         with torch.no_grad():
             features = unwrap(model).forward_head(unwrap(model).forward_features(images), pre_logits=True)
+            logits = unwrap(model).get_classifier()(features) if self.step_momentum is not None else None
         model.train(was_training)
         near = knn_in_batch(features, self.k).cpu()  # [b, k] positions
         groups = torch.cat([torch.arange(len(ids))[:, None], near], 1)  # [b, 1+k]
         group_ids, group_images = ids[groups], images[groups.to(images.device)]
         targets = self.group_targets(group_images, group_ids, tables, model)
+        if logits is not None:  # partners are rows of the same batch: their moved targets too
+            targets = self.updated_targets(ids, logits, tables)[groups]
         weights = self.group_weights(group_ids, tables, generator).to(images.device)
         return mix_groups(group_images, targets.to(images.device), weights)

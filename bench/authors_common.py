@@ -10,7 +10,7 @@ use is seeded. Each adapter lists its own changes with the reason for each (`ben
 `bench/authors_dividemix.py`); `--print-changes` prints them.
 
 This module holds what the adapters share: the shard loaders with the authors' loader interface, the
-model wrapper, the patching and the result file.
+model wrapper, the patching and the result file (imported by the adapters; not a script).
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ class Change:
     old: str
     new: str
     why: str
+    every: bool = False  # replace every occurrence (at least one) instead of exactly one
 
 
 class AdapterError(SystemExit):
@@ -49,11 +50,16 @@ def apply_changes(source: str, changes: list[Change], name: str, commit: str) ->
     """`source` with every change applied in order; each `old` must occur exactly once."""
     for change in changes:
         found = source.count(change.old)
-        if found != 1:
+        if found != 1 and not (change.every and found):
             raise AdapterError(f"{name}: expected exactly one occurrence of {change.old[:60]!r}, found {found}; "
                                f"this adapter follows the authors' commit {commit} ({change.why})")
         source = source.replace(change.old, change.new)
     return source
+
+
+def read_source(path: Path) -> str:
+    """An authors' file with LF line ends and no trailing blanks (formatting only), the form the changes match."""
+    return "\n".join(line.rstrip() for line in path.read_text().splitlines()) + "\n"
 
 
 def print_changes(changes_by_file: dict[str, list[Change]]) -> None:
