@@ -58,6 +58,7 @@ VARIANTS = {
     # the MixNN authors' released script (launch/configs/mixnn_authors.yaml), E_s = their es 10 on digits;
     # bench/authors_compare.py adds their noise-dependent GMM window. Then each of its settings alone:
     "mixnn-authors": ["--method", "mixnn", "--config_overlay", "mixnn_authors", "--correction_epoch", "9"],
+    "mixnn-authors-dataset": ["--method", "mixnn", "--config_overlay", "mixnn_authors"],  # E_s of the data set config
     "mixnn-probloss": ["--method", "mixnn", "--early_loss", "prob"],
     "mixnn-plainwarmup": ["--method", "mixnn", "--warmup_data", "plain"],
     "mixnn-batchtrain": ["--method", "mixnn", "--knn_scope", "batch", "--batch_knn_mode", "train"],

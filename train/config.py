@@ -54,6 +54,8 @@ class Config:
     refresh_every: int = 1  # refresh tables every R epochs after warm-up (1: every epoch, the paper; needs num_batches 0)
     gmm_loss_window: int = 0  # fit the GMM on each sample's loss averaged over the last W refreshes (0: the method's
     #                           default, METHOD_DEFAULTS: 5; DivideMix 1, as its authors' scripts below 90% noise)
+    gmm_window_scale: str = "raw"  # what the window averages: raw losses | normalised (each refresh's losses min-max
+    #                                scaled first: the MixNN and DivideMix authors' code)
     gmm_split: str = "auto"  # global: one mixture over all samples (the papers) | class: one per label (the
     #                          label the loss is against), so each class gets its own split point | auto: GMM_DEFAULTS
     gmm_scale: str = "auto"  # the mixture is fit on min-max normalised losses (linear) or log-losses (log) | auto
@@ -364,7 +366,8 @@ CHOICES = {
     "gmm_split": ("auto", "global", "class"), "gmm_scale": ("auto", "linear", "log"),
     "selectmix_rule": ("mismatch", "cleanlab", "precursor"), "lr_schedule": ("cosine_restarts", "step"),
     "cache_images": ("auto", "true", "false"), "metric": ("l2", "cosine"), "knn_scope": ("global", "batch"),
-    "batch_knn_mode": ("eval", "train"), "target_update": ("refresh", "step"), "early_loss": ("ce", "prob"), "warmup_data": ("augmented", "plain"),
+    "batch_knn_mode": ("eval", "train"), "target_update": ("refresh", "step"),
+    "gmm_window_scale": ("raw", "normalised"), "early_loss": ("ce", "prob"), "warmup_data": ("augmented", "plain"),
     "knn_index": ("exact", "hnsw", "ivf", "clustered"), "embed_transfer": ("float32", "float16"),
     "mixed_precision": ("auto", "bf16", "no"),
 }

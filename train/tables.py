@@ -10,7 +10,7 @@ import torch
 
 from data.reader import ShardDataset
 from index.comm import all_gather_rows, broadcast_array, gather_by_id
-from index.gmm import CleanFit, clean_probability, clean_probability_by_class
+from index.gmm import CleanFit, clean_probability, clean_probability_by_class, scaled_losses
 from index.knn import knn_sharded, knn_with_recall, search_space
 
 from .config import Config, gmm_setting
@@ -178,9 +178,15 @@ def refresh_tables(cfg: Config, epoch: int, model, data: Data, plan, tables: Tab
 def fit_losses(cfg: Config, losses: np.ndarray, history: np.ndarray | None, seed: int, is_main: bool,
                labels: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, CleanFit | None]:
     """The gathered [N] losses (`gather_losses`, against `labels`) averaged over the `gmm_loss_window` last
-    refreshes, and the GMM's clean probabilities (`gmm_split`, `gmm_scale`): (history, losses, clean, fit)."""
-    history, losses = windowed_losses(history, losses, cfg.gmm_loss_window)
+    refreshes (with `gmm_window_scale: normalised`, each refresh's losses min-max scaled before they are
+    averaged, as the MixNN and DivideMix authors' code), and the GMM's clean probabilities (`gmm_split`,
+    `gmm_scale`): (history, losses, clean, fit)."""
     split, scale = gmm_setting(cfg)
+    if cfg.gmm_window_scale == "normalised" and cfg.gmm_loss_window > 1:  # each refresh on [0, 1] first
+        seen = ~np.isnan(losses)
+        losses = losses.copy()
+        losses[seen] = scaled_losses(losses[seen], scale).astype(np.float32)
+    history, losses = windowed_losses(history, losses, cfg.gmm_loss_window)
     clean, fit = fit_clean(losses, seed, is_main, labels if split == "class" else None, scale)
     return history, losses, clean, fit
 

@@ -128,3 +128,17 @@ def test_step_target_updates_move_the_batch_in_its_own_loss_and_reach_the_tables
                                warmup_epochs=0), 4, MixNNInBatch()).step_momentum is None  # not a due epoch
     with pytest.raises(ConfigError, match="--target_update step works with --method mixnn --knn_scope batch"):
         load_config(["--target_update", "step"])
+
+
+def test_the_window_can_average_each_refreshs_normalised_losses_as_the_authors():
+    from train.tables import fit_losses
+
+    first, second = np.array([0.0, 1.0, 10.0, 2.0], np.float32), np.array([0.0, 4.0, 8.0, 8.0], np.float32)
+    cfg = Config(gmm_loss_window=2, gmm_window_scale="normalised", gmm_split="global", gmm_scale="linear")
+    history, _, _, _ = fit_losses(cfg, first, None, 0, True, np.zeros(4, np.int64))
+    _, averaged, clean, _ = fit_losses(cfg, second, history, 0, True, np.zeros(4, np.int64))
+    assert np.allclose(averaged, [0.0, 0.3, 1.0, 0.6])  # mean of (0, .1, 1, .2) and (0, .5, 1, 1)
+    raw = Config(gmm_loss_window=2, gmm_split="global", gmm_scale="linear")
+    history, _, _, _ = fit_losses(raw, first, None, 0, True, np.zeros(4, np.int64))
+    assert np.allclose(fit_losses(raw, second, history, 0, True, np.zeros(4, np.int64))[1], [0.0, 2.5, 9.0, 5.0])
+    assert clean[0] > clean[2]
