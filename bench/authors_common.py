@@ -154,8 +154,14 @@ def label_correction(soft_labels: torch.Tensor, true_labels: np.ndarray) -> floa
     return float((soft_labels.argmax(1).cpu().numpy() == true_labels).mean())
 
 
-def base_arguments(p) -> None:
+def base_arguments(p, window_rate: float) -> None:
+    """The options every adapter takes; the schedule ones in the authors' own terms."""
     p.add_argument("--authors", type=Path, required=True, help="checkout of the authors' repository (read only)")
+    p.add_argument("--r", type=float, help="noise rate of the shards (their script averages the GMM's losses over "
+                   f"5 epochs only when it is {window_rate})")
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--data", type=Path, required=True, help="our prepared shards (python -m data.prepare)")
     p.add_argument("--dataset", default="digits", help="transform preset of the shards")
     p.add_argument("--model", default="small_cnn")
@@ -164,6 +170,23 @@ def base_arguments(p) -> None:
     p.add_argument("--out", type=Path, default=None, help="result folder (result.json, the authors' own files)")
     p.add_argument("--reuse", action="store_true", help="keep a finished result")
     p.add_argument("--print-changes", action="store_true", help="print the changes made to the authors' code")
+
+
+def finished_or_shown(p, args, changes_by_file: dict[str, list[Change]]) -> bool:
+    """True when there is nothing to train: the changes were printed (`--print-changes`) or a finished
+    result is kept (`--reuse`, printed). Checks the options a training run needs."""
+    if args.print_changes:
+        print_changes(changes_by_file)
+        return True
+    if args.out is None or args.r is None:
+        p.error("--out and --r are required")
+    if args.reuse and (args.out / "result.json").is_file():
+        print(json.loads((args.out / "result.json").read_text()))
+        return True
+    torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return False
 
 
 def seed_everything(seed: int) -> None:

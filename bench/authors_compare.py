@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import REPO, add_grid_arguments, data_dir, fmt, parse_variant, per_seed, prepare, run_training
+from common import REPO, add_grid_arguments, data_dir, fmt, per_seed, prepare, run_variant
 
 ADAPTERS = {"mixnn": "authors_mixnn.py", "dividemix": "authors_dividemix.py"}
 
@@ -43,17 +43,6 @@ def our_variant(method: str, variant: str, noise: str) -> str:
     if variant == "mixnn-authors" and rate == 0.8 or variant == "dividemix-authors" and rate == 0.9:
         return variant + "+gmm_loss_window=5"  # DivideMix's Train_cifar.py:178 averages only at 0.9
     return variant
-
-
-def run_ours(args, extra: list[str], noise: str, variant: str, seed: int) -> dict | None:
-    data = data_dir(args.workdir, args.dataset, noise, seed, args.val_fraction, args.train_subset)
-    name = f"{variant}-{noise.replace(':', '')}-s{seed}"
-    try:
-        return run_training(name, data, args.dataset, parse_variant(variant), seed, args.epochs, args.out,
-                            args.reuse, extra, args.workdir, args.threads)
-    except RuntimeError as e:
-        print(e, file=sys.stderr, flush=True)
-        return None
 
 
 def run_authors(args, noise: str, seed: int) -> dict | None:
@@ -94,7 +83,7 @@ def main() -> None:
         noise, name, seed = job
         if name == "authors":
             return run_authors(args, noise, seed)
-        return run_ours(args, extra, noise, our_variant(args.method, name, noise), seed)
+        return run_variant(args, extra, noise, our_variant(args.method, name, noise), seed)
 
     with ThreadPoolExecutor(args.parallel) as pool:
         results = dict(zip(jobs, pool.map(one, jobs)))

@@ -14,14 +14,13 @@ split) and the last. `--print-changes` lists every change made to their file and
 from __future__ import annotations
 
 import argparse
-import json
 import types
 
 import numpy as np
 import torch
 
-from authors_common import (Change, Pairs, apply_changes, base_arguments, our_network, print_changes, read_source,
-                     run_source, seed_everything, shard_datasets, write_result)
+from authors_common import (Change, Pairs, apply_changes, base_arguments, finished_or_shown, our_network, read_source,
+                            run_source, shard_datasets, write_result)
 
 COMMIT = "d9d3058"
 
@@ -124,29 +123,15 @@ def adapter_module(args):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    base_arguments(p)
-    p.add_argument("--r", type=float, help="noise rate of the shards (their script averages the "
-                   "GMM's losses over 5 epochs only when it is 0.9)")
-    p.add_argument("--epochs", type=int, default=60)
+    base_arguments(p, window_rate=0.9)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--lr-min", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--alpha", type=float, default=4.0, help="their Beta parameter (their default)")
     args = p.parse_args()
-    if args.print_changes:
-        print_changes({"Train_cifar.py": CHANGES})
+    if finished_or_shown(p, args, {"Train_cifar.py": CHANGES}):
         return
-    if args.out is None or args.r is None:
-        p.error("--out and --r are required")
-    if args.reuse and (args.out / "result.json").is_file():
-        print(json.loads((args.out / "result.json").read_text()))
-        return
-    torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
     source = apply_changes(read_source(args.authors / "Train_cifar.py"), CHANGES, "Train_cifar.py", COMMIT)
     adapter, model, train = adapter_module(args)
-    args.out.mkdir(parents=True, exist_ok=True)
     argv = ["--r", str(args.r), "--noise_mode", "sym", "--num_epochs", str(args.epochs), "--warmup", str(args.warmup),
             "--lr", str(args.lr), "--lr_min", str(args.lr_min), "--batch_size", str(args.batch_size),
             "--alpha", str(args.alpha), "--seed", str(args.seed), "--data_path", str(args.data),

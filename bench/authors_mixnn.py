@@ -15,13 +15,12 @@ the same schedule in our 0-based terms). Writes OUT/result.json: test accuracy p
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 import torch
 
-from authors_common import (Change, Pairs, apply_changes, base_arguments, label_correction, module_from_source,
-                     our_network, print_changes, read_source, run_source, seed_everything, shard_datasets, write_result)
+from authors_common import (Change, Pairs, apply_changes, base_arguments, finished_or_shown, label_correction,
+                            module_from_source, our_network, read_source, run_source, shard_datasets, write_result)
 
 COMMIT = "99e4b12"
 
@@ -116,31 +115,17 @@ def adapter_module(args):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    base_arguments(p)
-    p.add_argument("--r", type=float, help="noise rate of the shards (their script averages the "
-                   "GMM's losses over 5 epochs only when it is 0.8)")
-    p.add_argument("--epochs", type=int, default=60)
+    base_arguments(p, window_rate=0.8)
     p.add_argument("--warmup", type=int, default=6)
     p.add_argument("--es", type=int, default=10)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--batch-size", type=int, default=64)
     args = p.parse_args()
-    if args.print_changes:
-        print_changes({"train_cifar_with_MixNN.py": TRAIN_CHANGES, "loss.py": LOSS_CHANGES})
+    if finished_or_shown(p, args, {"train_cifar_with_MixNN.py": TRAIN_CHANGES, "loss.py": LOSS_CHANGES}):
         return
-    if args.out is None or args.r is None:
-        p.error("--out and --r are required")
-    if args.reuse and (args.out / "result.json").is_file():
-        print(json.loads((args.out / "result.json").read_text()))
-        return
-    torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
     read = lambda name: read_source(args.authors / name)  # their files have CRLF line ends
     loss_source = apply_changes(read("loss.py"), LOSS_CHANGES, "loss.py", COMMIT)
     train_source = apply_changes(read("train_cifar_with_MixNN.py"), TRAIN_CHANGES, "train_cifar_with_MixNN.py", COMMIT)
     adapter, train = adapter_module(args)
     loss = module_from_source("mixnn_loss", loss_source, str(args.authors / "loss.py"))
-    args.out.mkdir(parents=True, exist_ok=True)
     argv = ["--r", str(args.r), "--noise_mode", "sym", "--num_epochs", str(args.epochs), "--warmup", str(args.warmup),
             "--es", str(args.es), "--lr", str(args.lr), "--batch_size", str(args.batch_size), "--seed", str(args.seed),
             "--model", args.model, "--data_path", str(args.data), "--num_class", str(len(np.unique(train.true_labels)))]

@@ -198,6 +198,19 @@ def best_per_seed(results: dict, noise: str, name: str, seeds: list[int], key: s
     return [((results.get((noise, name, s)) or {}).get("best") or {}).get(key) for s in seeds]
 
 
+def run_variant(args, extra: list[str], noise: str, variant: str, seed: int) -> dict | None:
+    """One grid cell: the variant trained on the (noise, seed) shards, run name `<variant>-<noise>-s<seed>`;
+    a failed run is reported and gives None."""
+    data = data_dir(args.workdir, args.dataset, noise, seed, args.val_fraction, args.train_subset)
+    name = f"{variant}-{noise.replace(':', '')}-s{seed}"
+    try:
+        return run_training(name, data, args.dataset, parse_variant(variant), seed, args.epochs, args.out,
+                            args.reuse, extra, args.workdir, args.threads)
+    except RuntimeError as e:
+        print(e, file=sys.stderr, flush=True)
+        return None
+
+
 def run_grid(args, noises: list[str], variants: list[str], seeds: list[int], extra: list[str]) -> dict:
     """Every (noise, variant, seed) run, `args.parallel` at a time; {(noise, variant, seed): result}.
     Runs that fail are reported and left out (the table shows '-')."""
@@ -213,15 +226,7 @@ def run_grid(args, noises: list[str], variants: list[str], seeds: list[int], ext
 
     def one(item):
         noise, variant, seed = item
-        data_noise = "none" if variant == "clean" else noise
-        data = data_dir(args.workdir, args.dataset, data_noise, seed, args.val_fraction, args.train_subset)
-        name = f"{variant}-{data_noise.replace(':', '')}-s{seed}"
-        try:
-            return run_training(name, data, args.dataset, parse_variant(variant), seed, args.epochs, args.out,
-                                args.reuse, extra, args.workdir, args.threads)
-        except RuntimeError as e:
-            print(e, file=sys.stderr, flush=True)
-            return None
+        return run_variant(args, extra, "none" if variant == "clean" else noise, variant, seed)
 
     # "clean" trains on the noise-free data: one run per seed, shared by every noise column
     todo = [g for g in grid if g[1] != "clean" or g[0] == noises[0]]
