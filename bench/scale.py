@@ -168,7 +168,7 @@ def tables_worker(rank: int, world: int, port: int, n: int, classes: int, topk: 
 
     from data.plan import build_epoch_plan
     from train.checkpoint import atomic_save, load_checkpoint
-    from train.config import Config
+    from train.config import Config, check
     from train.methods import Tables
     from train.targets import SoftTargets
     from train.loop import RefreshStats
@@ -180,7 +180,7 @@ def tables_worker(rank: int, world: int, port: int, n: int, classes: int, topk: 
     rng = np.random.default_rng(rank)
     labels = np.random.default_rng(0).integers(0, classes, n)
     true = np.where(np.random.default_rng(1).random(n) < 0.4, np.random.default_rng(2).integers(0, classes, n), labels)
-    cfg = Config(targets_topk=topk, correction_epoch=0, ema=0.9)
+    cfg = check(Config(targets_topk=topk, correction_epoch=0, ema=0.9))  # 0 = "the method's default" resolved
 
     class Train:  # what table_metrics reads of a ShardDataset
         def __len__(self):
