@@ -10,7 +10,7 @@ import torch
 
 from data.reader import ShardDataset
 from index.comm import all_gather_rows, broadcast_array, gather_by_id
-from index.gmm import CleanFit, clean_probability, clean_probability_by_class, scaled_losses
+from index.gmm import CleanFit, clean_probability, clean_probability_by_class, normalise_losses
 from index.knn import knn_sharded, knn_with_recall, search_space
 
 from .config import Config, gmm_setting
@@ -185,7 +185,7 @@ def fit_losses(cfg: Config, losses: np.ndarray, history: np.ndarray | None, seed
     if cfg.gmm_window_scale == "normalised" and cfg.gmm_loss_window > 1:  # each refresh on [0, 1] first
         seen = ~np.isnan(losses)
         losses = losses.copy()
-        losses[seen] = scaled_losses(losses[seen], scale).astype(np.float32)
+        losses[seen] = normalise_losses(losses[seen]).astype(np.float32)  # the fit applies `scale` once, after
     history, losses = windowed_losses(history, losses, cfg.gmm_loss_window)
     clean, fit = fit_clean(losses, seed, is_main, labels if split == "class" else None, scale)
     return history, losses, clean, fit

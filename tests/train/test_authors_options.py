@@ -142,3 +142,6 @@ def test_the_window_can_average_each_refreshs_normalised_losses_as_the_authors()
     history, _, _, _ = fit_losses(raw, first, None, 0, True, np.zeros(4, np.int64))
     assert np.allclose(fit_losses(raw, second, history, 0, True, np.zeros(4, np.int64))[1], [0.0, 2.5, 9.0, 5.0])
     assert clean[0] > clean[2]
+    logged = Config(gmm_loss_window=2, gmm_window_scale="normalised", gmm_split="global", gmm_scale="log")
+    history, _, _, _ = fit_losses(logged, first, None, 0, True, np.zeros(4, np.int64))
+    assert np.allclose(fit_losses(logged, second, history, 0, True, np.zeros(4, np.int64))[1], [0.0, 0.3, 1.0, 0.6])

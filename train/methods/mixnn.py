@@ -105,8 +105,9 @@ class MixNNInBatch(MixNN):
         near = knn_in_batch(features, self.k).cpu()  # [b, k] positions
         groups = torch.cat([torch.arange(len(ids))[:, None], near], 1)  # [b, 1+k]
         group_ids, group_images = ids[groups], images[groups.to(images.device)]
-        targets = self.group_targets(group_images, group_ids, tables, model)
         if logits is not None:  # partners are rows of the same batch: their moved targets too
             targets = self.updated_targets(ids, logits, tables)[groups]
+        else:
+            targets = self.group_targets(group_images, group_ids, tables, model)
         weights = self.group_weights(group_ids, tables, generator).to(images.device)
         return mix_groups(group_images, targets.to(images.device), weights)
