@@ -64,7 +64,8 @@ class Config:
     neighbour_pool: str = "all"  # where neighbours are searched: all | clean (P(clean) > clean_threshold) | class
     #                              (clean samples of the anchor's corrected class)
     mix_start: str = "warmup"  # MixNN mixes with neighbours from: warmup (end of warm-up) | correction (E_s; plain
-    #                            mixup with random in-batch partners before it, as the authors' code)
+    #                            mixup with random in-batch partners before it) | after_correction (E_s + 1: the
+    #                            epoch E_s itself is plain mixup under the soft-label loss, the authors' `epoch > es`)
     early_loss: str = "ce"  # MixNN's loss between warm-up and E_s: ce (soft cross-entropy) | prob (-sum_c y_c p_c, a
     #                         bounded loss: the MixNN authors' F.nll_loss on softmax probabilities before E_s)
     warmup_data: str = "augmented"  # warm-up epochs train on: augmented (shuffled, train transform) | plain (un-augmented
@@ -361,7 +362,7 @@ RANGES = {
 }
 CHOICES = {
     "method": METHODS, "weights": ("clean", "avg", "random", "beta"), "partners": ("knn", "random"),
-    "neighbour_pool": ("all", "clean", "class"), "mix_start": ("warmup", "correction"),
+    "neighbour_pool": ("all", "clean", "class"), "mix_start": ("warmup", "correction", "after_correction"),
     "target_source": ("prediction", "refined"), "guess": ("none", "online"), "gmm_loss": ("given", "corrected"),
     "gmm_split": ("auto", "global", "class"), "gmm_scale": ("auto", "linear", "log"),
     "selectmix_rule": ("mismatch", "cleanlab", "precursor"), "lr_schedule": ("cosine_restarts", "step"),

@@ -14,7 +14,7 @@ from index.comm import all_gather_rows
 from .config import Config
 from .dataset import Data
 from .loop import eval_batch_size, evaluate, method_loss, train_one_epoch
-from .methods import CrossEntropy, Mixup, Tables
+from .methods import CrossEntropy, MixNNInBatch, Mixup, Tables
 from .tables import (apply_step_updates, check_tables_identical, correction_due, memorisation_pass, refresh_due,
                      refresh_tables, table_metrics)
 
@@ -31,13 +31,16 @@ def train_batches(cfg, epoch, plan, method, tables, rank) -> list[np.ndarray]:
 
 def epoch_method(cfg: Config, epoch: int, method):
     """The method an epoch trains with: CE during warm-up; with `mix_start: correction`, MixNN trains as
-    plain mixup (random in-batch partner) until E_s, as the MixNN authors' code does; with `early_loss`,
+    plain mixup (random in-batch partner) until E_s (`after_correction`: through E_s, neighbours from E_s + 1, the
+    MixNN authors' `epoch > es`; with in-batch neighbours those steps keep the un-mixed forward); with `early_loss`,
     MixNN's loss before E_s is that criterion (the authors': -p[label])."""
     if epoch < cfg.warmup_epochs:
         return CrossEntropy()
     early = method.name == "mixnn" and epoch < max(cfg.correction_epoch, 0)
-    if early and cfg.mix_start == "correction":
-        method = Mixup(cfg.mixup_alpha)
+    plain = early and cfg.mix_start in ("correction", "after_correction") or (
+        method.name == "mixnn" and cfg.mix_start == "after_correction" and epoch == cfg.correction_epoch)
+    if plain:
+        method = method.plain_mixing(cfg.mixup_alpha) if isinstance(method, MixNNInBatch) else Mixup(cfg.mixup_alpha)
     if early and cfg.early_loss != method.criterion:
         method = copy.copy(method)
         method.criterion = cfg.early_loss

@@ -71,6 +71,49 @@ def test_in_batch_neighbours_in_train_mode_update_batchnorm_like_the_authors_fir
     assert moved == (mode == "train")
 
 
+def test_plain_mixup_steps_with_in_batch_neighbours_keep_the_un_mixed_train_mode_forward():
+    """Before the kNN phase the authors' steps still run the un-mixed forward (BatchNorm statistics move) and
+    mix with a random row under one lam: the same images and targets as mixup with the same draws."""
+    torch.manual_seed(0)
+    model = TinyNet().train()
+    tables = Tables(SoftTargets(np.arange(8, dtype=np.int64) % 2, 2), clean=np.full(8, 0.5, np.float32))
+    batch = {"images": torch.randn(8, 1, 2, 2) + 3.0, "ids": torch.arange(8), "valid": torch.ones(8, dtype=torch.bool)}
+    cfg = Config(method="mixnn", knn_scope="batch", batch_knn_mode="train", mix_start="correction",
+                 warmup_epochs=2, correction_epoch=5, early_loss="prob", mixup_alpha=1.0)
+    method = epoch_method(cfg, 3, MixNNInBatch(mode="train"))
+    assert isinstance(method, MixNNInBatch) and method.plain_alpha == 1.0 and method.criterion == "prob"
+    before = model.bn.running_mean.clone()
+    x, y = method.inputs_targets(batch, tables, torch.Generator().manual_seed(3), model=model)
+    assert not torch.equal(model.bn.running_mean, before) and model.training
+    mx, my = Mixup(1.0).inputs_targets(batch, tables, torch.Generator().manual_seed(3))
+    assert torch.allclose(x, mx, atol=1e-6) and torch.allclose(y, my, atol=1e-6)
+    assert not torch.allclose(x, batch["images"])  # mixed, not passed through
+    assert epoch_method(cfg, 5, MixNNInBatch(mode="train")).plain_alpha is None  # E_s: neighbours
+
+
+def test_after_correction_keeps_plain_mixup_through_e_s_under_the_soft_label_loss():
+    cfg = Config(method="mixnn", knn_scope="batch", batch_knn_mode="train", mix_start="after_correction",
+                 warmup_epochs=2, correction_epoch=5, early_loss="prob", target_update="step", target_update_every=10,
+                 mixup_alpha=1.0)
+    at_es = epoch_method(cfg, 5, MixNNInBatch(mode="train"))
+    assert at_es.plain_alpha == 1.0 and at_es.criterion == "ce" and at_es.step_momentum == 0.9
+    assert epoch_method(cfg, 4, MixNNInBatch(mode="train")).criterion == "prob"
+    after = MixNNInBatch(mode="train")
+    assert epoch_method(cfg, 6, after) is after
+    # the same for neighbours from the global index: plain mixup (soft targets) at E_s, MixNN after
+    glob = Config(method="mixnn", mix_start="after_correction", warmup_epochs=2, correction_epoch=5)
+    assert isinstance(epoch_method(glob, 5, MixNN()), Mixup) and isinstance(epoch_method(glob, 6, MixNN()), MixNN)
+    assert isinstance(epoch_method(Config(method="mixnn", mix_start="correction", warmup_epochs=2, correction_epoch=5),
+                                   5, MixNN()), MixNN)
+    # the step update of a plain epoch moves the targets of the batch from the un-mixed forward
+    torch.manual_seed(0)
+    model = TinyNet().train()
+    tables = Tables(SoftTargets(np.zeros(8, dtype=np.int64), 2), clean=np.full(8, 0.5, np.float32))
+    batch = {"images": torch.randn(8, 1, 2, 2), "ids": torch.arange(8), "valid": torch.ones(8, dtype=torch.bool)}
+    at_es.inputs_targets(batch, tables, torch.Generator().manual_seed(0), model=model)
+    assert len(at_es.step_updates) == 1 and at_es.step_updates[0][0].tolist() == list(range(8))
+
+
 def test_plain_warm_up_reads_every_sample_in_id_order_through_the_eval_transform():
     class Data:
         train, train_plain = list(range(10)), "plain view"
@@ -96,7 +139,7 @@ def test_authors_options_are_checked():
 
 def test_mixnn_authors_config_follows_their_script():
     cfg = load_config(["--config", f"{CONFIG_DIR}/digits.yaml,{CONFIG_DIR}/mixnn_authors.yaml", "--correction_epoch", "9"])
-    expected = dict(method="mixnn", k=1, weights="clean", knn_scope="batch", batch_knn_mode="train", mix_start="correction",
+    expected = dict(method="mixnn", k=1, weights="clean", knn_scope="batch", batch_knn_mode="train", mix_start="after_correction",
                     mixup_alpha=1.0, early_loss="prob", warmup_data="plain", ema=0.9, target_update_every=10,
                     target_update="step",
                     gmm_loss="corrected", gmm_split="global", gmm_scale="linear", gmm_loss_window=1, lr_min=0.001,

@@ -1,6 +1,8 @@
 """MixNN (Lu & He): mix each sample with its nearest neighbours, weighted by GMM clean probabilities."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -82,6 +84,7 @@ class MixNNInBatch(MixNN):
         #                   running statistics updated, as the authors' first forward of each step)
         self.step_momentum = None  # set for an epoch whose soft targets move in the training steps (see below)
         self.step_updates: list[tuple[np.ndarray, np.ndarray]] = []  # (ids, softmax) of this epoch's steps
+        self.plain_alpha = None  # set for an epoch of plain mixup (`plain_mixing`): random in-batch partners
 
     def updated_targets(self, ids: torch.Tensor, logits: torch.Tensor, tables: Tables) -> torch.Tensor:
         """`target_update: step`: Eq. 12 from the prediction of this step's un-mixed forward, t' = a t + (1 - a) p,
@@ -90,6 +93,15 @@ class MixNNInBatch(MixNN):
         p = torch.softmax(logits.float(), 1).cpu()
         self.step_updates.append((ids.numpy().copy(), p.numpy()))
         return self.step_momentum * tables.targets.rows(ids) + (1 - self.step_momentum) * p
+
+    def plain_mixing(self, alpha: float) -> "MixNNInBatch":
+        """A copy that mixes each row with a random other row of the batch, one lam ~ Beta(alpha, alpha) for the
+        batch (mixup's draws, in mixup's order), after the same un-mixed forward as a neighbour step: the MixNN
+        authors' steps before their kNN phase (T:88-98, T:114), whose train-mode forward also moves
+        BatchNorm's running statistics, and whose output moves the soft targets with `target_update: step`."""
+        method = copy.copy(self)
+        method.plain_alpha = alpha
+        return method
 
     def inputs_targets(self, batch, tables, generator, model=None):
         images, ids, valid = group_rows(batch, 0)
@@ -102,12 +114,19 @@ class MixNNInBatch(MixNN):
             features = unwrap(model).forward_head(unwrap(model).forward_features(images), pre_logits=True)
             logits = unwrap(model).get_classifier()(features) if self.step_momentum is not None else None
         model.train(was_training)
-        near = knn_in_batch(features, self.k).cpu()  # [b, k] positions
+        if self.plain_alpha is not None:
+            lam = float(beta_draw(self.plain_alpha, generator))
+            near = torch.randperm(len(ids), generator=generator)[:, None]
+        else:
+            near = knn_in_batch(features, self.k).cpu()  # [b, k] positions
         groups = torch.cat([torch.arange(len(ids))[:, None], near], 1)  # [b, 1+k]
         group_ids, group_images = ids[groups], images[groups.to(images.device)]
         if logits is not None:  # partners are rows of the same batch: their moved targets too
             targets = self.updated_targets(ids, logits, tables)[groups]
         else:
             targets = self.group_targets(group_images, group_ids, tables, model)
-        weights = self.group_weights(group_ids, tables, generator).to(images.device)
+        if self.plain_alpha is not None:
+            weights = torch.tensor([lam, 1 - lam]).expand(len(ids), 2).to(images.device)
+        else:
+            weights = self.group_weights(group_ids, tables, generator).to(images.device)
         return mix_groups(group_images, targets.to(images.device), weights)
