@@ -44,18 +44,21 @@ class Config:
     k: int = 1  # neighbours per sample
     warmup_epochs: int = 5
     correction_epoch: int = 10  # E_s: soft targets move by EMA from this 0-based epoch on (-1: never)
-    target_update_every: int = 1  # after E_s, move the soft targets every N-th refresh epoch only (E_s, E_s + N,
-    #                               ...): 1 is the paper's Eq. 12 every epoch; the MixNN authors' code uses 10
-    target_update: str = "refresh"  # where Eq. 12 takes p from: refresh (eval mode, un-augmented, at the epoch's
-    #                                 refresh) | step (the un-mixed train-mode forward of each training step, used by
-    #                                 that step's loss: the authors' loss.py; needs knn_scope batch)
+    # A key below set to "auto" (a number: 0) takes the method's default, METHOD_DEFAULTS; for MixNN those follow
+    # the MixNN authors' released code, chosen on the noisy val split (docs/benchmarks.md, "MixNN's default").
+    target_update_every: int = 0  # after E_s, move the soft targets every N-th refresh epoch only (E_s, E_s + N,
+    #                               ...): 1 is the paper's Eq. 12 every epoch; the MixNN authors' code (MixNN's
+    #                               default) uses 10
+    target_update: str = "auto"  # where Eq. 12 takes p from: refresh (eval mode, un-augmented, at the epoch's
+    #                              refresh) | step (the un-mixed train-mode forward of each training step, used by
+    #                              that step's loss: the authors' loss.py, MixNN's default; needs knn_scope batch)
     ema: float = 0.9
-    gmm_loss: str = "given"  # loss the GMM sees: against the given label or the corrected argmax(t)
+    gmm_loss: str = "auto"  # loss the GMM sees: given (against the given label) | corrected (argmax(t): MixNN)
     refresh_every: int = 1  # refresh tables every R epochs after warm-up (1: every epoch, the paper; needs num_batches 0)
     gmm_loss_window: int = 0  # fit the GMM on each sample's loss averaged over the last W refreshes (0: the method's
-    #                           default, METHOD_DEFAULTS: 5; DivideMix 1, as its authors' scripts below 90% noise)
-    gmm_window_scale: str = "raw"  # what the window averages: raw losses | normalised (each refresh's losses min-max
-    #                                scaled first: the MixNN and DivideMix authors' code)
+    #                           default: 5; MixNN and DivideMix 1, as their authors' scripts below 80% / 90% noise)
+    gmm_window_scale: str = "auto"  # what the window averages: raw losses | normalised (each refresh's losses
+    #                                 min-max scaled first: the MixNN and DivideMix authors' code, MixNN's default)
     gmm_split: str = "auto"  # global: one mixture over all samples (the papers) | class: one per label (the
     #                          label the loss is against), so each class gets its own split point | auto: GMM_DEFAULTS
     gmm_scale: str = "auto"  # the mixture is fit on min-max normalised losses (linear) or log-losses (log) | auto
@@ -63,13 +66,13 @@ class Config:
     partners: str = "knn"  # knn | random
     neighbour_pool: str = "all"  # where neighbours are searched: all | clean (P(clean) > clean_threshold) | class
     #                              (clean samples of the anchor's corrected class)
-    mix_start: str = "warmup"  # MixNN mixes with neighbours from: warmup (end of warm-up) | correction (E_s; plain
-    #                            mixup with random in-batch partners before it) | after_correction (E_s + 1: the
-    #                            epoch E_s itself is plain mixup under the soft-label loss, the authors' `epoch > es`)
-    early_loss: str = "ce"  # MixNN's loss between warm-up and E_s: ce (soft cross-entropy) | prob (-sum_c y_c p_c, a
-    #                         bounded loss: the MixNN authors' F.nll_loss on softmax probabilities before E_s)
-    warmup_data: str = "augmented"  # warm-up epochs train on: augmented (shuffled, train transform) | plain (un-augmented
-    #                                 images in sample-id order, the same every epoch: the MixNN authors' warm-up loader)
+    mix_start: str = "auto"  # MixNN mixes with neighbours from: warmup (end of warm-up) | correction (E_s; plain
+    #                          mixup with random in-batch partners before it) | after_correction (E_s + 1: the epoch
+    #                          E_s itself is plain mixup under the soft-label loss, the authors' `epoch > es`; MixNN's)
+    early_loss: str = "auto"  # MixNN's loss between warm-up and E_s: ce (soft cross-entropy) | prob (-sum_c y_c p_c,
+    #                           a bounded loss: the MixNN authors' F.nll_loss on softmax probabilities; MixNN's)
+    warmup_data: str = "auto"  # warm-up epochs train on: augmented (shuffled, train transform) | plain (un-augmented
+    #                            images in sample-id order, the same every epoch: the MixNN authors' loader; MixNN's)
     target_source: str = "prediction"  # what the EMA moves t toward: prediction (Eq. 12, p) | refined
     #                                    (w y + (1 - w) p with w = P(clean), DivideMix's label refinement)
     sharpen: float = 1.0  # temperature T applied to p before it enters the targets (1: none; DivideMix 0.5)
@@ -84,9 +87,11 @@ class Config:
     mixup_alpha: float = 0.0  # Beta(alpha, alpha) of the mixing draws (0: the method's default, METHOD_DEFAULTS: 1;
     #                           DivideMix 4, its authors' Train_cifar.py)
     metric: str = "l2"  # l2 | cosine
-    knn_scope: str = "global"  # global: the whole epoch set (paper) | batch: inside each mini-batch (authors' code)
-    batch_knn_mode: str = "eval"  # knn_scope batch: the un-mixed forward that finds the neighbours runs in eval mode |
-    #                               train (batch statistics, BatchNorm's running statistics updated: the authors' code)
+    knn_scope: str = "auto"  # global: the whole epoch set, the sharded index (paper) | batch: inside each mini-batch
+    #                          (the authors' code, MixNN's default)
+    batch_knn_mode: str = "auto"  # knn_scope batch: the un-mixed forward that finds the neighbours runs in eval mode
+    #                               | train (batch statistics, BatchNorm's running statistics updated: the authors'
+    #                               code, MixNN's default)
     knn_index: str = "exact"  # exact | hnsw | ivf | clustered (approximate; recall@k vs exact is logged every epoch)
     knn_dim: int = 0  # >0: search on a PCA projection of the embeddings to this many dimensions (approximate;
     #                  cuts the search cost by d / knn_dim; recall@k against exact full-dimension search is logged)
@@ -141,16 +146,35 @@ DIVIDEMIX_ONLY = ("p_threshold", "temperature", "lambda_u", "rampup_epochs", "wa
 # (gmm_split, gmm_scale) that `auto` means, per method: one mixture per class on log-losses where it was measured
 # better on Fashion-MNIST (docs/benchmarks.md, "Defaults and why"); the papers' one mixture on min-max normalised
 # losses for DivideMix (as published) and `select` (the per-class split starves it: docs/benchmarks.md).
-GMM_DEFAULTS = {"mixnn": ("class", "log"), "select-correct": ("class", "log")}
+GMM_DEFAULTS = {"mixnn": ("global", "linear"), "select-correct": ("class", "log")}
 PAPER_GMM = ("global", "linear")
-# Keys whose value 0 means "the method's default": (default, {method: its own}). DivideMix follows its authors'
-# Train_cifar.py: alpha 4, and the GMM on the last refresh's losses (they average 5 epochs only at 90% noise).
-METHOD_DEFAULTS = {"mixup_alpha": (1.0, {"dividemix": 4.0}), "gmm_loss_window": (5, {"dividemix": 1})}
+# Keys whose value "auto" (numbers: 0) means "the method's default": (default, {method: its own}), resolved in
+# this order. DivideMix follows its authors' Train_cifar.py: alpha 4, and the GMM on the last refresh's losses
+# (they average 5 epochs only at 90% noise). MixNN follows its authors' train_cifar_with_MixNN.py (as
+# launch/configs/mixnn_authors.yaml, whose comments cite the lines), chosen on the noisy val split
+# (docs/benchmarks.md); `launch/configs/mixnn_global.yaml` is the paper's global neighbour search instead.
+METHOD_DEFAULTS = {
+    "mixup_alpha": (1.0, {"dividemix": 4.0}),
+    "gmm_loss_window": (5, {"dividemix": 1, "mixnn": 1}),
+    "knn_scope": ("global", {"mixnn": "batch"}),
+    "batch_knn_mode": ("eval", {"mixnn": "train"}),  # BATCH_ONLY
+    "target_update": ("refresh", {"mixnn": "step"}),  # BATCH_ONLY
+    "target_update_every": (1, {"mixnn": 10}),
+    "mix_start": ("warmup", {"mixnn": "after_correction"}),
+    "early_loss": ("ce", {"mixnn": "prob"}),
+    "warmup_data": ("augmented", {"mixnn": "plain"}),
+    "gmm_loss": ("given", {"mixnn": "corrected"}),
+    "gmm_window_scale": ("raw", {"mixnn": "normalised"}),
+}
+BATCH_ONLY = ("batch_knn_mode", "target_update")  # their method default needs knn_scope batch (else: the default)
 # A run folder's config.yaml records every key its version knew, so a resumed run keeps its settings - except
 # keys added later whose default has changed since: a config.yaml that lacks one was written before the key
 # existed, and the key's first default is what that run did. Whoever changes a default adds the key here with
 # the value it had when it was added (train/config.py's history).
-FIRST_DEFAULTS = {"gmm_loss_window": 1, "gmm_split": "global", "gmm_scale": "linear", "selectmix_rule": "mismatch"}
+FIRST_DEFAULTS = {"gmm_loss_window": 1, "gmm_split": "global", "gmm_scale": "linear", "selectmix_rule": "mismatch",
+                  "knn_scope": "global", "batch_knn_mode": "eval", "target_update": "refresh", "target_update_every": 1,
+                  "mix_start": "warmup", "early_loss": "ce", "warmup_data": "augmented", "gmm_loss": "given",
+                  "gmm_window_scale": "raw"}
 
 
 METADATA = ("noisymix_version",)  # written into RUN/config.yaml, not settings
@@ -345,7 +369,7 @@ RANGES = {
     "correction_epoch": (lambda v: v >= -1, ">= 0, or -1 (never)"),
     "ema": (lambda v: 0 <= v < 1, "in [0, 1) (to keep the targets fixed: --correction_epoch -1)"),
     "k": (lambda v: v >= 1, ">= 1"), "refresh_every": (lambda v: v >= 1, ">= 1"),
-    "target_update_every": (lambda v: v >= 1, ">= 1 epoch"),
+    "target_update_every": (lambda v: v >= 0, ">= 1 epoch, or 0 (the method's default)"),
     "gmm_loss_window": (lambda v: v >= 0, ">= 1, or 0 (the method's default)"), "clean_threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "memorisation_every": (lambda v: v >= 0, ">= 0 (0: never)"), "mixup_alpha": (lambda v: v >= 0, "> 0, or 0 (the method's default)"),
     "knn_dim": (lambda v: v >= 0, ">= 0 (0: search the full embeddings)"), "hnsw_m": (lambda v: v >= 2, ">= 2"),
@@ -362,13 +386,13 @@ RANGES = {
 }
 CHOICES = {
     "method": METHODS, "weights": ("clean", "avg", "random", "beta"), "partners": ("knn", "random"),
-    "neighbour_pool": ("all", "clean", "class"), "mix_start": ("warmup", "correction", "after_correction"),
-    "target_source": ("prediction", "refined"), "guess": ("none", "online"), "gmm_loss": ("given", "corrected"),
+    "neighbour_pool": ("all", "clean", "class"), "mix_start": ("auto", "warmup", "correction", "after_correction"),
+    "target_source": ("prediction", "refined"), "guess": ("none", "online"), "gmm_loss": ("auto", "given", "corrected"),
     "gmm_split": ("auto", "global", "class"), "gmm_scale": ("auto", "linear", "log"),
     "selectmix_rule": ("mismatch", "cleanlab", "precursor"), "lr_schedule": ("cosine_restarts", "step"),
-    "cache_images": ("auto", "true", "false"), "metric": ("l2", "cosine"), "knn_scope": ("global", "batch"),
-    "batch_knn_mode": ("eval", "train"), "target_update": ("refresh", "step"),
-    "gmm_window_scale": ("raw", "normalised"), "early_loss": ("ce", "prob"), "warmup_data": ("augmented", "plain"),
+    "cache_images": ("auto", "true", "false"), "metric": ("l2", "cosine"), "knn_scope": ("auto", "global", "batch"),
+    "batch_knn_mode": ("auto", "eval", "train"), "target_update": ("auto", "refresh", "step"),
+    "gmm_window_scale": ("auto", "raw", "normalised"), "early_loss": ("auto", "ce", "prob"), "warmup_data": ("auto", "augmented", "plain"),
     "knn_index": ("exact", "hnsw", "ivf", "clustered"), "embed_transfer": ("float32", "float16"),
     "mixed_precision": ("auto", "bf16", "no"),
 }
@@ -406,12 +430,13 @@ def check_values(cfg: Config) -> None:
 
 def check(cfg: Config) -> Config:
     """Values outside their choices and ranges, and settings that are wrong together; `auto` GMM settings and
-    the METHOD_DEFAULTS keys left at 0 resolved for the method (what RUN/config.yaml then records)."""
+    the METHOD_DEFAULTS keys left at auto / 0 resolved for the method (what RUN/config.yaml then records)."""
     check_values(cfg)
     cfg.gmm_split, cfg.gmm_scale = gmm_setting(cfg)
     for key, (default, per_method) in METHOD_DEFAULTS.items():
-        if not getattr(cfg, key):
-            setattr(cfg, key, type(default)(per_method.get(cfg.method, default)))
+        if getattr(cfg, key) in (0, "auto"):
+            value = per_method.get(cfg.method, default)
+            setattr(cfg, key, type(default)(default if key in BATCH_ONLY and cfg.knn_scope != "batch" else value))
     defaults = Config()
     if cfg.method != "dividemix":
         for key in DIVIDEMIX_ONLY:

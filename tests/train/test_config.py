@@ -116,11 +116,11 @@ def test_a_config_that_pretrains_requires_a_choice():
 
 def test_gmm_auto_resolves_per_method_and_explicit_values_win(tmp_path):
     gmm = lambda argv: (lambda c: (c.gmm_split, c.gmm_scale))(load_config(argv))
-    assert gmm([]) == gmm(["--method", "select-correct"]) == ("class", "log")  # MixNN (the default method)
-    assert gmm(["--method", "dividemix"]) == gmm(["--method", "select"]) == ("global", "linear")
-    assert gmm(["--gmm_split", "global"]) == ("global", "log")
+    assert gmm(["--method", "select-correct"]) == ("class", "log")
+    assert gmm([]) == gmm(["--method", "dividemix"]) == gmm(["--method", "select"]) == ("global", "linear")  # MixNN
+    assert gmm(["--gmm_split", "class"]) == ("class", "linear")
     assert gmm(["--config", f"{CONFIG_DIR}/fashion_mnist.yaml,{CONFIG_DIR}/mixnn_paper.yaml"]) == ("global", "linear")
-    save_config(load_config([]), tmp_path / "config.yaml")  # a run folder keeps the resolved values
+    save_config(load_config(["--method", "select-correct"]), tmp_path / "config.yaml")  # the resolved values stay
     assert "gmm_split: class" in (tmp_path / "config.yaml").read_text()
 
 
@@ -146,4 +146,29 @@ def test_a_run_from_before_a_key_existed_resumes_on_that_keys_first_default(tmp_
     assert load_config(["--resume", str(tmp_path), "--gmm_split", "class"]).gmm_split == "class"  # still overridable
     today = dataclasses.asdict(load_config([]))
     save_checkpoint(tmp_path, {"model": {}, "epoch": 2, "config": today}, 1, keep=2, is_best=False)
-    assert (load_config(["--resume", str(tmp_path)]).gmm_split, load_config([]).gmm_loss_window) == ("class", 5)
+    assert (load_config(["--resume", str(tmp_path)]).gmm_split, load_config([]).gmm_loss_window) == ("global", 1)
+
+
+def test_mixnn_defaults_follow_the_authors_code_and_mixnn_global_is_the_papers_search(tmp_path):
+    authors = load_config(["--config", f"{CONFIG_DIR}/digits.yaml,{CONFIG_DIR}/mixnn_authors.yaml"])
+    default = load_config(["--config", f"{CONFIG_DIR}/digits.yaml"])
+    differ = {f.name for f in dataclasses.fields(Config) if getattr(default, f.name) != getattr(authors, f.name)}
+    assert differ == {"lr_min", "weight_decay"}  # the optimiser stays the data set's
+    glob = load_config(["--config", f"{CONFIG_DIR}/digits.yaml,{CONFIG_DIR}/mixnn_global.yaml"])
+    assert (glob.knn_scope, glob.batch_knn_mode, glob.target_update, glob.target_update_every, glob.mix_start,
+            glob.early_loss, glob.gmm_split, glob.gmm_scale, glob.gmm_loss_window) == \
+        ("global", "eval", "refresh", 1, "warmup", "ce", "class", "log", 5)
+    # a global search alone keeps the other defaults; the in-batch-only ones fall back to what works with it
+    alone = load_config(["--knn_scope", "global"])
+    assert (alone.batch_knn_mode, alone.target_update, alone.early_loss, alone.target_update_every) == \
+        ("eval", "refresh", "prob", 10)
+    others = load_config(["--method", "selectmix"])
+    assert (others.knn_scope, others.early_loss, others.target_update_every, others.gmm_loss) == \
+        ("global", "ce", 1, "given")
+    old = dataclasses.asdict(load_config(["--config", f"{CONFIG_DIR}/digits.yaml,{CONFIG_DIR}/mixnn_global.yaml"]))
+    for key in ("knn_scope", "early_loss", "mix_start", "warmup_data", "target_update", "target_update_every",
+                "batch_knn_mode", "gmm_loss", "gmm_window_scale"):  # a run written before these keys existed
+        del old[key]
+    save_checkpoint(tmp_path, {"model": {}, "epoch": 1, "config": old}, 0, keep=2, is_best=False)
+    assert dataclasses.asdict(load_config(["--resume", str(tmp_path)])) == dataclasses.asdict(glob) | {
+        "resume": str(tmp_path)}
