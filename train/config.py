@@ -433,10 +433,8 @@ def check(cfg: Config) -> Config:
     the METHOD_DEFAULTS keys left at auto / 0 resolved for the method (what RUN/config.yaml then records)."""
     check_values(cfg)
     cfg.gmm_split, cfg.gmm_scale = gmm_setting(cfg)
-    for key, (default, per_method) in METHOD_DEFAULTS.items():
-        if getattr(cfg, key) in (0, "auto"):
-            value = per_method.get(cfg.method, default)
-            setattr(cfg, key, type(default)(default if key in BATCH_ONLY and cfg.knn_scope != "batch" else value))
+    for key, (default, _) in METHOD_DEFAULTS.items():  # in order: knn_scope before the BATCH_ONLY keys
+        setattr(cfg, key, type(default)(method_default(cfg, key)))
     defaults = Config()
     if cfg.method != "dividemix":
         for key in DIVIDEMIX_ONLY:
@@ -462,6 +460,17 @@ def check(cfg: Config) -> Config:
         raise ConfigError("--refresh_every > 1 needs full-pass epochs (num_batches 0): a class-balanced draw "
                           "changes the epoch's samples, and those outside the last refresh would have no neighbours")
     return cfg
+
+
+def method_default(cfg: Config, key: str):
+    """A METHOD_DEFAULTS key's value, resolved for the method when left at auto / 0 (a Config built in code
+    that never went through `check`)."""
+    value = getattr(cfg, key)
+    if value not in (0, "auto"):
+        return value
+    default, per_method = METHOD_DEFAULTS[key]
+    return default if key in BATCH_ONLY and method_default(cfg, "knn_scope") != "batch" else per_method.get(
+        cfg.method, default)
 
 
 def gmm_setting(cfg: Config) -> tuple[str, str]:

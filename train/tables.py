@@ -13,7 +13,7 @@ from index.comm import all_gather_rows, broadcast_array, gather_by_id
 from index.gmm import CleanFit, clean_probability, clean_probability_by_class, normalise_losses
 from index.knn import knn_sharded, knn_with_recall, search_space
 
-from .config import Config, gmm_setting
+from .config import Config, gmm_setting, method_default
 from .dataset import Data
 from .loop import RefreshStats, eval_batch_size, refresh
 from .methods import Tables, clean_weights, sharpen_rows
@@ -108,7 +108,8 @@ def correction_due(cfg: Config, epoch: int) -> bool:
     (E_s + 1)-th epoch. The MixNN authors' code counts epochs from 1 and first uses soft targets in its
     epoch E_s; to reproduce "from epoch 60" exactly set `correction_epoch: 59` (the paper configs do). With
     `target_update_every` N > 1 only every N-th epoch from E_s moves them (the authors' code: N = 10)."""
-    return 0 <= cfg.correction_epoch <= epoch and (epoch - cfg.correction_epoch) % cfg.target_update_every == 0
+    every = method_default(cfg, "target_update_every")
+    return 0 <= cfg.correction_epoch <= epoch and (epoch - cfg.correction_epoch) % every == 0
 
 
 def update_targets(tables: Tables, stats: RefreshStats, new: np.ndarray, momentum: float) -> None:

@@ -132,8 +132,8 @@ def test_authors_options_are_checked():
     with pytest.raises(ConfigError, match="--early_loss works with --method mixnn"):
         load_config(["--method", "ce", "--early_loss", "prob"])
     with pytest.raises(ConfigError, match="--batch_knn_mode works with --method mixnn --knn_scope batch"):
-        load_config(["--batch_knn_mode", "train"])
-    with pytest.raises(ConfigError, match="--warmup_data must be one of augmented, plain"):
+        load_config(["--knn_scope", "global", "--batch_knn_mode", "train"])
+    with pytest.raises(ConfigError, match="--warmup_data must be one of auto, augmented, plain"):
         load_config(["--warmup_data", "clean"])
 
 
@@ -170,7 +170,7 @@ def test_step_target_updates_move_the_batch_in_its_own_loss_and_reach_the_tables
     assert epoch_method(Config(knn_scope="batch", target_update="step", correction_epoch=3, target_update_every=10,
                                warmup_epochs=0), 4, MixNNInBatch()).step_momentum is None  # not a due epoch
     with pytest.raises(ConfigError, match="--target_update step works with --method mixnn --knn_scope batch"):
-        load_config(["--target_update", "step"])
+        load_config(["--knn_scope", "global", "--target_update", "step"])
 
 
 def test_the_window_can_average_each_refreshs_normalised_losses_as_the_authors():

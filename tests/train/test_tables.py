@@ -73,14 +73,17 @@ def test_memorisation_separates_clean_and_mislabelled():
 def test_correction_starts_at_the_0_based_epoch_index_e_s():
     from train.config import Config
     from train.tables import correction_due
-    cfg = Config(correction_epoch=59)  # the paper configs: "from epoch 60" counted from 1
+    cfg = Config(correction_epoch=59, target_update_every=1)  # the paper configs: "from epoch 60" counted from 1
     assert not correction_due(cfg, 58) and correction_due(cfg, 59) and correction_due(cfg, 60)
     assert not any(correction_due(Config(correction_epoch=-1), e) for e in range(300))
+    assert [e for e in range(40) if correction_due(Config(correction_epoch=10), e)] == [10, 20, 30]  # MixNN's
+    assert correction_due(Config(method="select-correct", correction_epoch=10), 11)  # every epoch
 
 
 def test_gmm_auto_fits_what_the_method_resolves_to():
-    """A Config built in code (never through load_config's check) still fits the method's `auto` GMM: MixNN one
-    mixture per class on log-losses, DivideMix the paper's one mixture; explicit values are what they say."""
+    """A Config built in code (never through load_config's check) still fits the method's `auto` GMM: select-correct
+    one mixture per class on log-losses, MixNN and DivideMix the paper's one mixture; explicit values are what
+    they say."""
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(2), 200)
     # class 1's losses sit 10x above class 0's; 20% of each class mislabelled (20x its class's loss): one global
@@ -90,7 +93,8 @@ def test_gmm_auto_fits_what_the_method_resolves_to():
     losses[noisy] *= 20
     fit = lambda cfg: fit_losses(cfg, losses.astype(np.float32), None, 0, True, labels)[2] > 0.5
     per_class, paper = fit(Config(gmm_split="class", gmm_scale="log")), fit(Config(gmm_split="global", gmm_scale="linear"))
-    assert (fit(Config()) == per_class).all() and (fit(Config(method="dividemix")) == paper).all()
+    assert (fit(Config(method="select-correct")) == per_class).all() and (fit(Config()) == paper).all()
+    assert (fit(Config(method="dividemix")) == paper).all()
     assert (per_class == ~noisy).all()
     assert paper[noisy & (labels == 0)].all() and (paper[labels == 1] == ~noisy[labels == 1]).all()
 
@@ -99,7 +103,7 @@ def test_target_update_period_moves_targets_only_every_nth_epoch_from_e_s():
     from train.config import Config
     from train.tables import correction_due
 
-    every_epoch = [e for e in range(40) if correction_due(Config(correction_epoch=10), e)]
+    every_epoch = [e for e in range(40) if correction_due(Config(correction_epoch=10, target_update_every=1), e)]
     assert every_epoch == list(range(10, 40))
     authors = [e for e in range(40) if correction_due(Config(correction_epoch=10, target_update_every=10), e)]
     assert authors == [10, 20, 30]
