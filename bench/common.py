@@ -38,6 +38,7 @@ VARIANTS = {
     "dividemix-authors": ["--method", "dividemix"],  # its defaults: the authors' Train_cifar.py (window 1 below 90%)
     # MixNN as the paper describes it (Eq. 10/11 weights, all-sample neighbours, EMA 0.9 toward p from E_s)
     "mixnn-paper": ["--method", "mixnn", "--config_overlay", "mixnn_paper"],
+    "mixnn-global": ["--method", "mixnn", "--config_overlay", "mixnn_global"],  # the paper's global search
     # ablations of the paper's MixNN
     "mixnn-avg": ["--method", "mixnn", "--weights", "avg"],
     "mixnn-random": ["--method", "mixnn", "--weights", "random"],
