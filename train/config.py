@@ -46,9 +46,9 @@ class Config:
     correction_epoch: int = 10  # E_s: soft targets move by EMA from this 0-based epoch on (-1: never)
     # A key below set to "auto" (a number: 0) takes the method's default, METHOD_DEFAULTS; for MixNN those follow
     # the MixNN authors' released code, chosen on the noisy val split (docs/benchmarks.md, "MixNN's default").
-    target_update_every: int = 0  # after E_s, move the soft targets every N-th refresh epoch only (E_s, E_s + N,
-    #                               ...): 1 is the paper's Eq. 12 every epoch; the MixNN authors' code (MixNN's
-    #                               default) uses 10
+    target_update_every: int = 0  # from E_s, move the soft targets only in epochs whose 1-based count is a multiple
+    #                               of N (the last epoch of each N-epoch restart cycle): 1 is the paper's Eq. 12
+    #                               every epoch; the MixNN authors' code (MixNN's default) uses 10
     target_update: str = "auto"  # where Eq. 12 takes p from: refresh (eval mode, un-augmented, at the epoch's
     #                              refresh) | step (the un-mixed train-mode forward of each training step, used by
     #                              that step's loss: the authors' loss.py, MixNN's default; needs knn_scope batch)

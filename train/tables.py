@@ -107,9 +107,10 @@ def correction_due(cfg: Config, epoch: int) -> bool:
     """Whether the refresh of 0-based `epoch` moves the soft targets: from epoch index E_s on, i.e. from the
     (E_s + 1)-th epoch. The MixNN authors' code counts epochs from 1 and first uses soft targets in its
     epoch E_s; to reproduce "from epoch 60" exactly set `correction_epoch: 59` (the paper configs do). With
-    `target_update_every` N > 1 only every N-th epoch from E_s moves them (the authors' code: N = 10)."""
+    `target_update_every` N > 1 only the epochs from E_s whose 1-based count is a multiple of N move them (the
+    authors' `epoch % 10 == 0`: with cosine restarts every N epochs, the last, lowest-lr epoch of each cycle)."""
     every = method_default(cfg, "target_update_every")
-    return 0 <= cfg.correction_epoch <= epoch and (epoch - cfg.correction_epoch) % every == 0
+    return 0 <= cfg.correction_epoch <= epoch and (epoch + 1) % every == 0
 
 
 def update_targets(tables: Tables, stats: RefreshStats, new: np.ndarray, momentum: float) -> None:

@@ -76,7 +76,7 @@ def test_correction_starts_at_the_0_based_epoch_index_e_s():
     cfg = Config(correction_epoch=59, target_update_every=1)  # the paper configs: "from epoch 60" counted from 1
     assert not correction_due(cfg, 58) and correction_due(cfg, 59) and correction_due(cfg, 60)
     assert not any(correction_due(Config(correction_epoch=-1), e) for e in range(300))
-    assert [e for e in range(40) if correction_due(Config(correction_epoch=10), e)] == [10, 20, 30]  # MixNN's
+    assert [e for e in range(40) if correction_due(Config(correction_epoch=10), e)] == [19, 29, 39]  # MixNN's
     assert correction_due(Config(method="select-correct", correction_epoch=10), 11)  # every epoch
 
 
@@ -106,5 +106,6 @@ def test_target_update_period_moves_targets_only_every_nth_epoch_from_e_s():
     every_epoch = [e for e in range(40) if correction_due(Config(correction_epoch=10, target_update_every=1), e)]
     assert every_epoch == list(range(10, 40))
     authors = [e for e in range(40) if correction_due(Config(correction_epoch=10, target_update_every=10), e)]
-    assert authors == [10, 20, 30]
+    assert authors == [19, 29, 39]  # their 1-based epochs 20, 30, 40: `epoch % 10 == 0` from E_s on
+    assert [e for e in range(40) if correction_due(Config(correction_epoch=9, target_update_every=10), e)] == [9, 19, 29, 39]
     assert not any(correction_due(Config(correction_epoch=-1, target_update_every=10), e) for e in range(40))
