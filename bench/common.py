@@ -19,6 +19,7 @@ RAW = {"fashion-mnist": "/usr/share/datasets/fashion-mnist", "mnist": "/usr/shar
 CONFIGS = {"fashion-mnist": "fashion_mnist", "cifar10": "cifar10", "cifar100": "cifar100"}
 
 # name -> training arguments. "clean" trains CE on the data set prepared without noise (the ceiling).
+GLOBAL = ["--method", "mixnn", "--config_overlay", "mixnn_global"]  # MixNN with the paper's global search
 VARIANTS = {
     "ce": ["--method", "ce"],
     "clean": ["--method", "ce"],
@@ -39,35 +40,35 @@ VARIANTS = {
     # MixNN as the paper describes it (Eq. 10/11 weights, all-sample neighbours, EMA 0.9 toward p from E_s)
     "mixnn-paper": ["--method", "mixnn", "--config_overlay", "mixnn_paper"],
     "mixnn-global": ["--method", "mixnn", "--config_overlay", "mixnn_global"],  # the paper's global search
-    # ablations of the paper's MixNN
-    "mixnn-avg": ["--method", "mixnn", "--weights", "avg"],
-    "mixnn-random": ["--method", "mixnn", "--weights", "random"],
-    "mixnn-beta": ["--method", "mixnn", "--weights", "beta"],
-    "mixnn-nocorr": ["--method", "mixnn", "--correction_epoch", "-1"],
-    "mixnn-randpartner": ["--method", "mixnn", "--partners", "random"],
-    "mixnn-batch": ["--method", "mixnn", "--knn_scope", "batch"],
-    "mixnn-window1": ["--method", "mixnn", "--gmm_loss_window", "1"],
-    "mixnn-window5": ["--method", "mixnn", "--gmm_loss_window", "5"],
-    "mixnn-corrloss": ["--method", "mixnn", "--gmm_loss", "corrected", "--gmm_loss_window", "1"],
-    "mixnn-refresh2": ["--method", "mixnn", "--refresh_every", "2"],
-    "mixnn-poolclean": ["--method", "mixnn", "--neighbour_pool", "clean"],
-    "mixnn-poolclass": ["--method", "mixnn", "--neighbour_pool", "class"],
-    "mixnn-mixstart": ["--method", "mixnn", "--mix_start", "correction"],
-    "mixnn-cosine": ["--method", "mixnn", "--metric", "cosine"],
-    "mixnn-refined": ["--method", "mixnn", "--target_source", "refined"],
-    "mixnn-update10": ["--method", "mixnn", "--target_update_every", "10"],  # the MixNN authors' target period
+    # ablations of MixNN with the paper's global search (launch/configs/mixnn_global.yaml)
+    "mixnn-avg": [*GLOBAL, "--weights", "avg"],
+    "mixnn-random": [*GLOBAL, "--weights", "random"],
+    "mixnn-beta": [*GLOBAL, "--weights", "beta"],
+    "mixnn-nocorr": [*GLOBAL, "--correction_epoch", "-1"],
+    "mixnn-randpartner": [*GLOBAL, "--partners", "random"],
+    "mixnn-batch": [*GLOBAL, "--knn_scope", "batch"],
+    "mixnn-window1": [*GLOBAL, "--gmm_loss_window", "1"],
+    "mixnn-window5": [*GLOBAL, "--gmm_loss_window", "5"],
+    "mixnn-corrloss": [*GLOBAL, "--gmm_loss", "corrected", "--gmm_loss_window", "1"],
+    "mixnn-refresh2": [*GLOBAL, "--refresh_every", "2"],
+    "mixnn-poolclean": [*GLOBAL, "--neighbour_pool", "clean"],
+    "mixnn-poolclass": [*GLOBAL, "--neighbour_pool", "class"],
+    "mixnn-mixstart": [*GLOBAL, "--mix_start", "correction"],
+    "mixnn-cosine": [*GLOBAL, "--metric", "cosine"],
+    "mixnn-refined": [*GLOBAL, "--target_source", "refined"],
+    "mixnn-update10": [*GLOBAL, "--target_update_every", "10"],  # the MixNN authors' target period
     # the MixNN authors' released script (launch/configs/mixnn_authors.yaml), E_s = their es 10 on digits;
     # bench/authors_compare.py adds their noise-dependent GMM window. Then each of its settings alone:
     "mixnn-authors": ["--method", "mixnn", "--config_overlay", "mixnn_authors", "--correction_epoch", "9"],
     "mixnn-authors-dataset": ["--method", "mixnn", "--config_overlay", "mixnn_authors"],  # E_s of the data set config
-    "mixnn-probloss": ["--method", "mixnn", "--early_loss", "prob"],
-    "mixnn-plainwarmup": ["--method", "mixnn", "--warmup_data", "plain"],
-    "mixnn-batchtrain": ["--method", "mixnn", "--knn_scope", "batch", "--batch_knn_mode", "train"],
-    "mixnn-globalgmm": ["--method", "mixnn", "--gmm_split", "global", "--gmm_scale", "linear"],
-    "mixnn-corrected": ["--method", "mixnn", "--gmm_loss", "corrected"],
-    "mixnn-wd": ["--method", "mixnn", "--weight_decay", "0.001", "--lr_min", "0.001"],
-    "mixnn-es9": ["--method", "mixnn", "--correction_epoch", "9"],
-    "mixnn-batchstep": ["--method", "mixnn", "--knn_scope", "batch", "--batch_knn_mode", "train", "--target_update", "step"],
+    "mixnn-probloss": [*GLOBAL, "--early_loss", "prob"],
+    "mixnn-plainwarmup": [*GLOBAL, "--warmup_data", "plain"],
+    "mixnn-batchtrain": [*GLOBAL, "--knn_scope", "batch", "--batch_knn_mode", "train"],
+    "mixnn-globalgmm": [*GLOBAL, "--gmm_split", "global", "--gmm_scale", "linear"],
+    "mixnn-corrected": [*GLOBAL, "--gmm_loss", "corrected"],
+    "mixnn-wd": [*GLOBAL, "--weight_decay", "0.001", "--lr_min", "0.001"],
+    "mixnn-es9": [*GLOBAL, "--correction_epoch", "9"],
+    "mixnn-batchstep": [*GLOBAL, "--knn_scope", "batch", "--batch_knn_mode", "train", "--target_update", "step"],
 }
 
 
