@@ -93,13 +93,13 @@ def test_plain_mixup_steps_with_in_batch_neighbours_keep_the_un_mixed_train_mode
 
 def test_after_correction_keeps_plain_mixup_through_e_s_under_the_soft_label_loss():
     cfg = Config(method="mixnn", knn_scope="batch", batch_knn_mode="train", mix_start="after_correction",
-                 warmup_epochs=2, correction_epoch=5, early_loss="prob", target_update="step", target_update_every=10,
+                 warmup_epochs=2, correction_epoch=9, early_loss="prob", target_update="step", target_update_every=10,
                  mixup_alpha=1.0)
-    at_es = epoch_method(cfg, 5, MixNNInBatch(mode="train"))
+    at_es = epoch_method(cfg, 9, MixNNInBatch(mode="train"))  # E_s = 9 is the 10th epoch: a due one
     assert at_es.plain_alpha == 1.0 and at_es.criterion == "ce" and at_es.step_momentum == 0.9
-    assert epoch_method(cfg, 4, MixNNInBatch(mode="train")).criterion == "prob"
+    assert epoch_method(cfg, 8, MixNNInBatch(mode="train")).criterion == "prob"
     after = MixNNInBatch(mode="train")
-    assert epoch_method(cfg, 6, after) is after
+    assert epoch_method(cfg, 10, after) is after
     # the same for neighbours from the global index: plain mixup (soft targets) at E_s, MixNN after
     glob = Config(method="mixnn", mix_start="after_correction", warmup_epochs=2, correction_epoch=5)
     assert isinstance(epoch_method(glob, 5, MixNN()), Mixup) and isinstance(epoch_method(glob, 6, MixNN()), MixNN)
@@ -158,7 +158,7 @@ def test_step_target_updates_move_the_batch_in_its_own_loss_and_reach_the_tables
     tables = Tables(SoftTargets(np.zeros(8, dtype=np.int64), 2), clean=np.full(8, 0.5, np.float32))
     batch = {"images": torch.randn(8, 1, 2, 2), "ids": torch.arange(8), "valid": torch.ones(8, dtype=torch.bool)}
     method = epoch_method(Config(method="mixnn", knn_scope="batch", target_update="step", correction_epoch=3,
-                                 target_update_every=10, warmup_epochs=0), 3, MixNNInBatch(mode="train"))
+                                 target_update_every=10, warmup_epochs=0), 9, MixNNInBatch(mode="train"))
     assert method.step_momentum == 0.9
     _, y = method.inputs_targets(batch, tables, torch.Generator().manual_seed(0), model=model)
     assert (y[:, 1] > 0).all()  # every target moved 10% toward the prediction before the loss used it
@@ -168,7 +168,7 @@ def test_step_target_updates_move_the_batch_in_its_own_loss_and_reach_the_tables
     assert torch.allclose(tables.targets.rows(list(range(8))), 0.9 * torch.tensor([1.0, 0.0]) + 0.1 * torch.from_numpy(p),
                           atol=1e-3)
     assert epoch_method(Config(knn_scope="batch", target_update="step", correction_epoch=3, target_update_every=10,
-                               warmup_epochs=0), 4, MixNNInBatch()).step_momentum is None  # not a due epoch
+                               warmup_epochs=0), 4, MixNNInBatch()).step_momentum is None  # not a due epoch (5th)
     with pytest.raises(ConfigError, match="--target_update step works with --method mixnn --knn_scope batch"):
         load_config(["--knn_scope", "global", "--target_update", "step"])
 
