@@ -8,8 +8,10 @@ import pytest
 import torch
 from conftest import REPO, accelerate_cmd, cpu_env
 
+# MixNN with the global search: the sharded index, its neighbour table and diagnostics end to end (the
+# default's in-batch neighbours run end to end, preempted and resumed, in tests/train/test_preempt.py)
 ARGS = ["--epochs", "4", "--warmup_epochs", "1", "--correction_epoch", "2", "--progress", "false",
-        "--eval_every", "2"]
+        "--eval_every", "2", "--config", str(REPO / "launch/configs/mixnn_global.yaml")]
 
 
 def launch(tmp, *args, processes=2):
