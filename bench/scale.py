@@ -168,7 +168,7 @@ def tables_worker(rank: int, world: int, port: int, n: int, classes: int, topk: 
 
     from data.plan import build_epoch_plan
     from train.checkpoint import atomic_save, load_checkpoint
-    from train.config import Config, check
+    from train.config import CONFIG_DIR, load_config
     from train.methods import Tables
     from train.targets import SoftTargets
     from train.loop import RefreshStats
@@ -180,8 +180,8 @@ def tables_worker(rank: int, world: int, port: int, n: int, classes: int, topk: 
     rng = np.random.default_rng(rank)
     labels = np.random.default_rng(0).integers(0, classes, n)
     true = np.where(np.random.default_rng(1).random(n) < 0.4, np.random.default_rng(2).integers(0, classes, n), labels)
-    cfg = check(Config(targets_topk=topk, correction_epoch=0, ema=0.9, knn_scope="global", target_update_every=1,
-                       gmm_split="class", gmm_scale="log", gmm_loss="given", gmm_loss_window=5))  # the global search
+    cfg = load_config(["--config", str(CONFIG_DIR / "mixnn_global.yaml"), "--targets_topk", str(topk),
+                       "--correction_epoch", "0", "--ema", "0.9"])  # MixNN with the global search
 
     class Train:  # what table_metrics reads of a ShardDataset
         def __len__(self):

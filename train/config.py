@@ -60,7 +60,7 @@ class Config:
     gmm_window_scale: str = "auto"  # what the window averages: raw losses | normalised (each refresh's losses
     #                                 min-max scaled first: the MixNN and DivideMix authors' code, MixNN's default)
     gmm_split: str = "auto"  # global: one mixture over all samples (the papers) | class: one per label (the
-    #                          label the loss is against), so each class gets its own split point | auto: GMM_DEFAULTS
+    #                          label the loss is against), so each class gets its own split point | auto: METHOD_DEFAULTS
     gmm_scale: str = "auto"  # the mixture is fit on min-max normalised losses (linear) or log-losses (log) | auto
     weights: str = "clean"  # clean (Eq. 10/11) | avg | random | beta (anchor lam ~ Beta, max(lam, 1 - lam))
     partners: str = "knn"  # knn | random
@@ -143,17 +143,17 @@ class Config:
 METHODS = ("ce", "mixup", "mixnn", "selectmix", "select", "select-correct", "confident-learning", "dividemix")
 GUESSING = ("mixnn", "select-correct", "selectmix")  # methods with targets to guess for noisy samples
 DIVIDEMIX_ONLY = ("p_threshold", "temperature", "lambda_u", "rampup_epochs", "warmup_penalty")
-# (gmm_split, gmm_scale) that `auto` means, per method: one mixture per class on log-losses where it was measured
-# better on Fashion-MNIST (docs/benchmarks.md, "Defaults and why"); the papers' one mixture on min-max normalised
-# losses for DivideMix (as published) and `select` (the per-class split starves it: docs/benchmarks.md).
-GMM_DEFAULTS = {"mixnn": ("global", "linear"), "select-correct": ("class", "log")}
-PAPER_GMM = ("global", "linear")
 # Keys whose value "auto" (numbers: 0) means "the method's default": (default, {method: its own}), resolved in
 # this order. DivideMix follows its authors' Train_cifar.py: alpha 4, and the GMM on the last refresh's losses
 # (they average 5 epochs only at 90% noise). MixNN follows its authors' train_cifar_with_MixNN.py (as
 # launch/configs/mixnn_authors.yaml, whose comments cite the lines), chosen on the noisy val split
 # (docs/benchmarks.md); `launch/configs/mixnn_global.yaml` is the paper's global neighbour search instead.
+# (gmm_split, gmm_scale): one mixture per class on log-losses for select-correct, where it was measured better on
+# Fashion-MNIST (docs/benchmarks.md, "Defaults and why"); the papers' one mixture on min-max normalised losses
+# for the others (`select`: the per-class split starves it, docs/benchmarks.md).
 METHOD_DEFAULTS = {
+    "gmm_split": ("global", {"select-correct": "class"}),
+    "gmm_scale": ("linear", {"select-correct": "log"}),
     "mixup_alpha": (1.0, {"dividemix": 4.0}),
     "gmm_loss_window": (5, {"dividemix": 1, "mixnn": 1}),
     "knn_scope": ("global", {"mixnn": "batch"}),
@@ -432,7 +432,6 @@ def check(cfg: Config) -> Config:
     """Values outside their choices and ranges, and settings that are wrong together; `auto` GMM settings and
     the METHOD_DEFAULTS keys left at auto / 0 resolved for the method (what RUN/config.yaml then records)."""
     check_values(cfg)
-    cfg.gmm_split, cfg.gmm_scale = gmm_setting(cfg)
     for key, (default, _) in METHOD_DEFAULTS.items():  # in order: knn_scope before the BATCH_ONLY keys
         setattr(cfg, key, type(default)(method_default(cfg, key)))
     defaults = Config()
@@ -474,9 +473,8 @@ def method_default(cfg: Config, key: str):
 
 
 def gmm_setting(cfg: Config) -> tuple[str, str]:
-    """(gmm_split, gmm_scale) with `auto` resolved for the method (GMM_DEFAULTS)."""
-    split, scale = GMM_DEFAULTS.get(cfg.method, PAPER_GMM)
-    return (split if cfg.gmm_split == "auto" else cfg.gmm_split, scale if cfg.gmm_scale == "auto" else cfg.gmm_scale)
+    """(gmm_split, gmm_scale) with `auto` resolved for the method (METHOD_DEFAULTS)."""
+    return method_default(cfg, "gmm_split"), method_default(cfg, "gmm_scale")
 
 
 def saved_settings(values: dict) -> dict:

@@ -37,9 +37,8 @@ def epoch_method(cfg: Config, epoch: int, method):
     if epoch < cfg.warmup_epochs:
         return CrossEntropy()
     early = method.name == "mixnn" and epoch < max(cfg.correction_epoch, 0)
-    plain = early and cfg.mix_start in ("correction", "after_correction") or (
-        method.name == "mixnn" and cfg.mix_start == "after_correction" and epoch == cfg.correction_epoch)
-    if plain:
+    plain_until = cfg.correction_epoch + (cfg.mix_start == "after_correction")  # E_s, or through E_s itself
+    if method.name == "mixnn" and cfg.mix_start in ("correction", "after_correction") and epoch < plain_until:
         method = method.plain_mixing(cfg.mixup_alpha) if isinstance(method, MixNNInBatch) else Mixup(cfg.mixup_alpha)
     if early and cfg.early_loss != method.criterion:
         method = copy.copy(method)

@@ -9,6 +9,7 @@ import torch
 from index.knn import knn_in_batch
 
 from .base import CrossEntropy, Tables, beta_draw, clean_weights, group_rows, guessed_targets, mix_groups, unwrap
+from .mixup import mixup_draws
 
 
 def beta_weights(n: int, groups: int, alpha: float, generator: torch.Generator) -> torch.Tensor:
@@ -115,8 +116,8 @@ class MixNNInBatch(MixNN):
             logits = unwrap(model).get_classifier()(features) if self.step_momentum is not None else None
         model.train(was_training)
         if self.plain_alpha is not None:
-            lam = float(beta_draw(self.plain_alpha, generator))
-            near = torch.randperm(len(ids), generator=generator)[:, None]
+            lam, perm = mixup_draws(len(ids), self.plain_alpha, generator)
+            near = perm[:, None]
         else:
             near = knn_in_batch(features, self.k).cpu()  # [b, k] positions
         groups = torch.cat([torch.arange(len(ids))[:, None], near], 1)  # [b, 1+k]

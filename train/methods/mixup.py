@@ -6,13 +6,20 @@ import torch
 from .base import CrossEntropy, beta_draw
 
 
+def mixup_draws(n: int, alpha: float, generator: torch.Generator) -> tuple[float, torch.Tensor]:
+    """(lambda ~ Beta(alpha, alpha), a random partner row for each of n rows), drawn in this order from the
+    step's generator: every plain-mixup step draws through here, so they all draw alike."""
+    lam = float(beta_draw(alpha, generator))
+    return lam, torch.randperm(n, generator=generator)
+
+
 def mix_in_batch(x: torch.Tensor, y: torch.Tensor, alpha: float, generator: torch.Generator):
     """mixup inside a batch: each row with a random other row of the batch, one lambda ~ Beta(alpha, alpha)
     for the batch (batches under 2 rows pass through)."""
     if len(x) < 2:
         return x, y
-    lam = float(beta_draw(alpha, generator))
-    perm = torch.randperm(len(x), generator=generator).to(x.device)
+    lam, perm = mixup_draws(len(x), alpha, generator)
+    perm = perm.to(x.device)
     return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
 
 
