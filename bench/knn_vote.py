@@ -63,8 +63,8 @@ def refresh_run(run: Path, checkpoint: str, batch_size: int):
     from train.checkpoint import find_checkpoint, load_checkpoint
     from train.config import config_of_checkpoint
     from train.dataset import data_root
-    from train.loop import refresh
-    from train.models import create_run_model
+    from train.loop import batched, refresh
+    from train.methods import create_run_model
 
     state = load_checkpoint(find_checkpoint(run, checkpoint))
     if state.get("clean") is None:
@@ -78,7 +78,7 @@ def refresh_run(run: Path, checkpoint: str, batch_size: int):
     model = create_run_model(cfg, state["targets"]["num_classes"], 1 if preset.mode == "L" else 3)
     model.load_state_dict(state["model"])
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    stats = refresh(accelerator.prepare(model), train, np.arange(len(train)), accelerator, batch_size, 0)
+    stats = refresh(accelerator.prepare(model), train, batched(np.arange(len(train)), batch_size), accelerator, 0)
     ids = stats.ids  # unreadable samples are skipped by the refresh
     return (stats.embeddings, stats.probs, train.labels[ids], train.true_labels[ids], state["clean"].numpy()[ids],
             state["epoch"])

@@ -21,7 +21,7 @@ from data.atomic import atomic_write, fsync_folder, temporary_path
 from index.comm import all_gather_rows
 
 from .config import UserError
-from .methods import Tables
+from .targets import Tables
 
 logger = logging.getLogger(__name__)
 
@@ -174,17 +174,27 @@ def load_resume_checkpoint(run_dir: Path, mmap: bool = False, warn: bool = True)
     return None
 
 
-def checkpoint_state(cfg, epoch, model, optimizer, scheduler, tables, best, accelerator, step=None) -> dict:
-    """Everything a resumed run needs; every rank's RNG state is gathered into the one file.
-    `epoch`/`step` name where to continue: step 0 of the next epoch, or mid-epoch after a preemption."""
-    return {"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch + 1 if step is None else epoch,
+def checkpoint_state(run, epoch: int, step: int | None = None) -> dict:
+    """Everything a resumed run needs from `run` (train.main.Run: model, optimizer, scheduler, tables, method,
+    best record, config); every rank's RNG state is gathered into the one file. `epoch`/`step` name where to
+    continue: step 0 of the next epoch, or mid-epoch after a preemption."""
+    tables = run.tables
+    return {"model": run.accelerator.unwrap_model(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "epoch": epoch + 1 if step is None else epoch,
             "step": step or 0, "targets": tables.targets.state_dict(),
             "clean": None if tables.clean is None else torch.from_numpy(tables.clean),
             "partners": None if tables.partners is None else torch.from_numpy(tables.partners),
             "loss_history": None if tables.loss_history is None else torch.from_numpy(tables.loss_history),
-            "clean_per_net": None if tables.clean_per_net is None else torch.from_numpy(tables.clean_per_net),
-            "rng": rng_states(), "best": best, "config": dataclasses.asdict(cfg)}
+            "method": run.method.state_dict() if run.method is not None else {},
+            "rng": rng_states(), "best": run.best, "config": dataclasses.asdict(run.cfg)}
+
+
+def method_entry(state: dict, legacy_keys: tuple) -> dict:
+    """A method's own checkpoint entry; in a checkpoint of a version before methods had one, its state sat at
+    the top level under the method's `legacy_keys`."""
+    if "method" in state:
+        return state["method"]
+    return {k: state.get(k) for k in legacy_keys}
 
 
 def restore(state: dict, model, optimizer, scheduler, tables: Tables, accelerator) -> tuple[int, int, dict]:
@@ -196,8 +206,8 @@ def restore(state: dict, model, optimizer, scheduler, tables: Tables, accelerato
     tables.clean = None if state["clean"] is None else state["clean"].numpy()
     tables.partners = None if state["partners"] is None else state["partners"].numpy()
     history = state.get("loss_history")
+    if history is not None and "method" not in state and state.get("clean_per_net") is not None:
+        history = None  # an older two-network checkpoint: that history is the method's own (method_entry)
     tables.loss_history = None if history is None else history.numpy()
-    per_net = state.get("clean_per_net")
-    tables.clean_per_net = None if per_net is None else per_net.numpy()
     restore_rng(state["rng"], accelerator)
     return state["epoch"], state.get("step", 0), state["best"]

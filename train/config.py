@@ -40,11 +40,11 @@ class Config:
     #                                 different class count re-initialises); false: load what fits, list the rest
     channels_last: bool = False  # NHWC conv weights (timm's --channels-last): faster on CPU (oneDNN) and on GPUs
     # method
-    method: str = "mixnn"  # ce | mixup | mixnn | selectmix | select | select-correct | confident-learning | dividemix
+    method: str = "mixnn"  # the method to train with: a name registered in train.methods.METHODS (listed below)
     k: int = 1  # neighbours per sample
     warmup_epochs: int = 5
     correction_epoch: int = 10  # E_s: soft targets move by EMA from this 0-based epoch on (-1: never)
-    # A key below set to "auto" (a number: 0) takes the method's default, METHOD_DEFAULTS; for MixNN those follow
+    # A key below set to "auto" (a number: 0) takes the method's default (its class's `defaults`); for MixNN those follow
     # the MixNN authors' released code, chosen on the noisy val split (docs/benchmarks.md, "MixNN's default").
     target_update_every: int = 0  # from E_s, move the soft targets only in epochs whose 1-based count is a multiple
     #                               of N (the last epoch of each N-epoch restart cycle): 1 is the paper's Eq. 12
@@ -60,7 +60,7 @@ class Config:
     gmm_window_scale: str = "auto"  # what the window averages: raw losses | normalised (each refresh's losses
     #                                 min-max scaled first: the MixNN and DivideMix authors' code, MixNN's default)
     gmm_split: str = "auto"  # global: one mixture over all samples (the papers) | class: one per label (the
-    #                          label the loss is against), so each class gets its own split point | auto: METHOD_DEFAULTS
+    #                          label the loss is against), so each class gets its own split point | auto: the method's
     gmm_scale: str = "auto"  # the mixture is fit on min-max normalised losses (linear) or log-losses (log) | auto
     weights: str = "clean"  # clean (Eq. 10/11) | avg | random | beta (anchor lam ~ Beta, max(lam, 1 - lam))
     partners: str = "knn"  # knn | random
@@ -84,7 +84,7 @@ class Config:
     prior_penalty: bool = False  # + KL(uniform || mean batch prediction) after warm-up (DivideMix's regulariser)
     clean_threshold: float = 0.5  # P(clean) above which a sample counts as clean (select, pools, metrics)
     memorisation_every: int = 5  # methods without a refresh pass: measure memorisation every N epochs (0: never)
-    mixup_alpha: float = 0.0  # Beta(alpha, alpha) of the mixing draws (0: the method's default, METHOD_DEFAULTS: 1;
+    mixup_alpha: float = 0.0  # Beta(alpha, alpha) of the mixing draws (0: the method's default: 1;
     #                           DivideMix 4, its authors' Train_cifar.py)
     metric: str = "l2"  # l2 | cosine
     knn_scope: str = "auto"  # global: the whole epoch set, the sharded index (paper) | batch: inside each mini-batch
@@ -140,31 +140,12 @@ class Config:
     progress: bool = True
 
 
-METHODS = ("ce", "mixup", "mixnn", "selectmix", "select", "select-correct", "confident-learning", "dividemix")
-GUESSING = ("mixnn", "select-correct", "selectmix")  # methods with targets to guess for noisy samples
-DIVIDEMIX_ONLY = ("p_threshold", "temperature", "lambda_u", "rampup_epochs", "warmup_penalty")
-# Keys whose value "auto" (numbers: 0) means "the method's default": (default, {method: its own}), resolved in
-# this order. DivideMix follows its authors' Train_cifar.py: alpha 4, and the GMM on the last refresh's losses
-# (they average 5 epochs only at 90% noise). MixNN follows its authors' train_cifar_with_MixNN.py (as
-# launch/configs/mixnn_authors.yaml, whose comments cite the lines), chosen on the noisy val split
-# (docs/benchmarks.md); `launch/configs/mixnn_global.yaml` is the paper's global neighbour search instead.
-# (gmm_split, gmm_scale): one mixture per class on log-losses for select-correct, where it was measured better on
-# Fashion-MNIST (docs/benchmarks.md, "Defaults and why"); the papers' one mixture on min-max normalised losses
-# for the others (`select`: the per-class split starves it, docs/benchmarks.md).
-METHOD_DEFAULTS = {
-    "gmm_split": ("global", {"select-correct": "class"}),
-    "gmm_scale": ("linear", {"select-correct": "log"}),
-    "mixup_alpha": (1.0, {"dividemix": 4.0}),
-    "gmm_loss_window": (5, {"dividemix": 1, "mixnn": 1}),
-    "knn_scope": ("global", {"mixnn": "batch"}),
-    "batch_knn_mode": ("eval", {"mixnn": "train"}),  # BATCH_ONLY
-    "target_update": ("refresh", {"mixnn": "step"}),  # BATCH_ONLY
-    "target_update_every": (1, {"mixnn": 10}),
-    "mix_start": ("warmup", {"mixnn": "after_correction"}),
-    "early_loss": ("ce", {"mixnn": "prob"}),
-    "warmup_data": ("augmented", {"mixnn": "plain"}),
-    "gmm_loss": ("given", {"mixnn": "corrected"}),
-    "gmm_window_scale": ("raw", {"mixnn": "normalised"}),
+# Keys whose value "auto" (numbers: 0) means "the method's default": the general default here, a method's own in
+# its class's `defaults` (train/methods/), resolved in this order (knn_scope before the BATCH_ONLY keys).
+AUTO_DEFAULTS = {
+    "gmm_split": "global", "gmm_scale": "linear", "mixup_alpha": 1.0, "gmm_loss_window": 5, "knn_scope": "global",
+    "batch_knn_mode": "eval", "target_update": "refresh", "target_update_every": 1, "mix_start": "warmup",
+    "early_loss": "ce", "warmup_data": "augmented", "gmm_loss": "given", "gmm_window_scale": "raw",
 }
 BATCH_ONLY = ("batch_knn_mode", "target_update")  # their method default needs knn_scope batch (else: the default)
 # A run folder's config.yaml records every key its version knew, so a resumed run keeps its settings - except
@@ -294,6 +275,8 @@ def help_text() -> str:
             shown = ",".join(map(str, default)) if isinstance(default, list) else str(default).lower() \
                 if isinstance(default, bool) else repr(default) if default == "" else str(default)
             lines.append(f"  --{key} {kind.upper()}  (default: {shown})")
+            if key == "method":
+                doc = f"{doc}: {', '.join(method_classes())}"
             lines += textwrap.wrap(doc, 96, initial_indent="      ", subsequent_indent="      ") if doc else []
     return "\n".join(lines) + "\n"
 
@@ -385,7 +368,7 @@ RANGES = {
     "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1) (0: no val split)"),
 }
 CHOICES = {
-    "method": METHODS, "weights": ("clean", "avg", "random", "beta"), "partners": ("knn", "random"),
+    "weights": ("clean", "avg", "random", "beta"), "partners": ("knn", "random"),
     "neighbour_pool": ("all", "clean", "class"), "mix_start": ("auto", "warmup", "correction", "after_correction"),
     "target_source": ("prediction", "refined"), "guess": ("none", "online"), "gmm_loss": ("auto", "given", "corrected"),
     "gmm_split": ("auto", "global", "class"), "gmm_scale": ("auto", "linear", "log"),
@@ -398,8 +381,21 @@ CHOICES = {
 }
 
 
+def method_classes() -> dict:
+    """The registered methods, name -> class (train.methods.METHODS; imported on use, as the methods' modules
+    import this one)."""
+    from .methods import METHODS
+
+    return METHODS
+
+
 def check_values(cfg: Config) -> None:
     """Every key against its choices and range (before any work: a typo never costs a warm-up)."""
+    methods = list(method_classes())
+    if cfg.method not in methods:
+        close = difflib.get_close_matches(str(cfg.method), methods, n=1)
+        raise ConfigError(f"--method must be one of {', '.join(methods)}, got {cfg.method!r}"
+                          + (f" (did you mean {close[0]!r}?)" if close else ""))
     if cfg.mixed_precision == "fp16":
         raise ConfigError("--mixed_precision fp16 is not supported (it needs loss scaling); use bf16 (CUDA "
                           "autocast, or CPU autocast) or no")
@@ -430,17 +426,18 @@ def check_values(cfg: Config) -> None:
 
 def check(cfg: Config) -> Config:
     """Values outside their choices and ranges, and settings that are wrong together; `auto` GMM settings and
-    the METHOD_DEFAULTS keys left at auto / 0 resolved for the method (what RUN/config.yaml then records)."""
+    the AUTO_DEFAULTS keys left at auto / 0 resolved for the method (what RUN/config.yaml then records)."""
     check_values(cfg)
-    for key, (default, _) in METHOD_DEFAULTS.items():  # in order: knn_scope before the BATCH_ONLY keys
+    for key, default in AUTO_DEFAULTS.items():  # in order: knn_scope before the BATCH_ONLY keys
         setattr(cfg, key, type(default)(method_default(cfg, key)))
-    defaults = Config()
-    if cfg.method != "dividemix":
-        for key in DIVIDEMIX_ONLY:
+    defaults, classes = Config(), method_classes()
+    for owner in classes.values():  # a key only another method reads
+        for key in owner.options if owner.name != cfg.method else ():
             if getattr(cfg, key) != getattr(defaults, key):
-                raise ConfigError(f"--{key} is a DivideMix setting; it does nothing with --method {cfg.method}")
-    if cfg.guess != "none" and cfg.method not in GUESSING:
-        raise ConfigError(f"--guess {cfg.guess} works with --method {', '.join(GUESSING)}, not {cfg.method}")
+                raise ConfigError(f"--{key} is a {owner.title or owner.name} setting; it does nothing with --method {cfg.method}")
+    guessing = [name for name, cls in classes.items() if cls.guesses]
+    if cfg.guess != "none" and cfg.method not in guessing:
+        raise ConfigError(f"--guess {cfg.guess} works with --method {', '.join(guessing)}, not {cfg.method}")
     if cfg.early_loss != "ce" and cfg.method != "mixnn":
         raise ConfigError(f"--early_loss works with --method mixnn, not {cfg.method}")
     if cfg.target_update == "step" and (cfg.method != "mixnn" or cfg.knn_scope != "batch" or cfg.guess != "none"
@@ -462,18 +459,20 @@ def check(cfg: Config) -> Config:
 
 
 def method_default(cfg: Config, key: str):
-    """A METHOD_DEFAULTS key's value, resolved for the method when left at auto / 0 (a Config built in code
-    that never went through `check`)."""
+    """An AUTO_DEFAULTS key's value, resolved for the method (its class's `defaults`) when left at auto / 0 (also
+    for a Config built in code that never went through `check`)."""
     value = getattr(cfg, key)
     if value not in (0, "auto"):
         return value
-    default, per_method = METHOD_DEFAULTS[key]
-    return default if key in BATCH_ONLY and method_default(cfg, "knn_scope") != "batch" else per_method.get(
-        cfg.method, default)
+    default = AUTO_DEFAULTS[key]
+    if key in BATCH_ONLY and method_default(cfg, "knn_scope") != "batch":
+        return default
+    cls = method_classes().get(cfg.method)
+    return cls.defaults.get(key, default) if cls is not None else default
 
 
 def gmm_setting(cfg: Config) -> tuple[str, str]:
-    """(gmm_split, gmm_scale) with `auto` resolved for the method (METHOD_DEFAULTS)."""
+    """(gmm_split, gmm_scale) with `auto` resolved for the method (`method_default`)."""
     return method_default(cfg, "gmm_split"), method_default(cfg, "gmm_scale")
 
 

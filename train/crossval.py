@@ -15,10 +15,11 @@ from .checkpoint import DamagedCheckpoint, load_checkpoint, restore_rng, rng_sta
 from .config import Config
 from .dataset import Data
 from .epoch import run_epoch
-from .methods import CrossEntropy, Tables
+from .methods import CrossEntropy, EpochContext, Tables
 from .methods.selectmix import fold_file, load_folds, save_fold, stratified_folds
-from .models import create_model
+from .models import channels_last, create_model
 from .optim import create_optimizer
+from .seeds import fold_seed
 from .tables import refresh_train
 from .targets import SoftTargets
 
@@ -70,17 +71,18 @@ def restore_partial_fold(path: Path, model, optimizer, scheduler, accelerator) -
     return state
 
 
-def train_fold(cfg: Config, fold: int, folds: np.ndarray, data: Data, accelerator, num_classes: int, run_dir: Path,
-               stop=None) -> np.ndarray:
-    """Train fold `fold`'s model on the other folds; its held-out softmax [n_held, C] at the epoch of best
+def train_fold(cfg: Config, data: Data, accelerator, run_dir: Path, fold: int, stop=None) -> np.ndarray:
+    """Train fold `fold`'s model on the other folds (`stratified_folds`); its held-out softmax [n_held, C] at the epoch of best
     held-out accuracy against the given (noisy) labels (`cv_best_epoch`), else at the last epoch. A `stop`
     request ends it after the current step: its state goes to `fold-K.partial.pt` and StageStopped is raised."""
-    labels = data.train.labels
+    labels, num_classes = data.train.labels, data.manifest["num_classes"]
+    folds = stratified_folds(labels, cfg.cv_folds, cfg.seed)
     fold_cfg = dataclasses.replace(cfg, warmup_epochs=cfg.cv_epochs, restart_period=cfg.cv_epochs,
                                    memorisation_every=0)
-    torch.manual_seed(cfg.seed * 1000 + fold)
-    model = create_model(cfg.model, num_classes, data.input_shape[0], pretrained=cfg.pretrained,
-                         drop_rate=cfg.drop_rate, channels_last=cfg.channels_last, pretrained_strict=cfg.pretrained_strict)
+    torch.manual_seed(fold_seed(cfg.seed, fold))
+    model = channels_last(create_model(cfg.model, num_classes, data.input_shape[0], pretrained=cfg.pretrained,
+                                       drop_rate=cfg.drop_rate, pretrained_strict=cfg.pretrained_strict),
+                          cfg.channels_last)
     optimizer, scheduler = create_optimizer(fold_cfg, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     tables = Tables(SoftTargets(labels, num_classes))
@@ -91,13 +93,13 @@ def train_fold(cfg: Config, fold: int, folds: np.ndarray, data: Data, accelerato
     best = saved["best"].numpy() if saved and saved["best"] is not None else None
     best_acc = float(saved["best_acc"]) if saved else -1.0
     for epoch in range(start, cfg.cv_epochs):
-        metrics = run_epoch(fold_cfg, epoch, model, optimizer, CrossEntropy(), data, tables, accelerator, stop=stop,
-                            start_step=step if epoch == start else 0, subset=np.flatnonzero(folds != fold))
-        if metrics["stopped_at"] is not None:
-            position = {"epoch": epoch, "step": metrics["stopped_at"], "best_acc": best_acc,
+        ctx = EpochContext(fold_cfg, epoch, model, data, tables, accelerator, start_step=step if epoch == start else 0)
+        result = run_epoch(ctx, CrossEntropy(), optimizer, stop=stop, subset=np.flatnonzero(folds != fold))
+        if result.stopped_at is not None:
+            position = {"epoch": epoch, "step": result.stopped_at, "best_acc": best_acc,
                         "best": None if best is None else torch.from_numpy(best)}
             save_partial_fold(partial, model, optimizer, scheduler, position, accelerator)
-            raise StageStopped(fold, epoch, metrics["stopped_at"])
+            raise StageStopped(fold, epoch, result.stopped_at)
         scheduler.step()
         if cfg.cv_best_epoch or epoch + 1 == cfg.cv_epochs:
             probs = predict_held_out(cfg, model, data, held, accelerator)[held]
@@ -118,7 +120,7 @@ def out_of_sample_probabilities(cfg: Config, data: Data, accelerator, run_dir: P
     for fold in range(cfg.cv_folds):
         if fold_file(run_dir, fold).is_file():
             continue
-        probs = train_fold(cfg, fold, folds, data, accelerator, num_classes, run_dir, stop)
+        probs = train_fold(cfg, data, accelerator, run_dir, fold, stop)
         if accelerator.is_main_process:
             save_fold(run_dir, fold, np.flatnonzero(folds == fold), probs)
             partial_fold_file(run_dir, fold).unlink(missing_ok=True)

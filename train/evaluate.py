@@ -29,7 +29,7 @@ from data.transforms import EvalTransform, get_preset
 from .checkpoint import find_checkpoint, load_checkpoint
 from .config import UserError, config_of_checkpoint
 from .loop import evaluate
-from .models import create_run_model
+from .methods import create_run_model
 
 
 def evaluate_checkpoint(run: Path, checkpoint: str, splits: list[Path], accelerator, batch_size: int,

@@ -12,7 +12,6 @@ from tqdm import tqdm
 from data.reader import ShardDataset, id_loader
 from index.comm import all_gather_rows
 
-from .methods import Tables, prior_penalty
 from .metrics import topk_correct
 from .models import embed_and_classify
 
@@ -42,13 +41,13 @@ def eval_batch_size(cfg, accelerator) -> int:
 
 
 @torch.no_grad()
-def refresh(model, dataset: ShardDataset, ids: np.ndarray, accelerator, batch_size: int, workers: int,
+def refresh(model, dataset: ShardDataset, batches: list[np.ndarray], accelerator, workers: int,
             progress: bool = False) -> RefreshStats:
-    """Eval-mode forward over this rank's ids (no augmentation): softmax and embeddings per id."""
+    """Eval-mode forward over this rank's id `batches` (no augmentation): softmax and embeddings per id."""
     model.eval()
-    n = len(ids)  # rows are written in place (allocated at the first batch): the n x d embeddings are never held twice
-    out_ids, probs, embeddings, filled = np.zeros(n, np.int64), None, None, 0
-    loader = id_loader(dataset, batched(ids, batch_size), workers)
+    n = sum(len(b) for b in batches)  # rows are written in place (allocated at the first batch): the n x d
+    out_ids, probs, embeddings, filled = np.zeros(n, np.int64), None, None, 0  # embeddings are never held twice
+    loader = id_loader(dataset, batches, workers)
     for batch in progress_bar(loader, "refresh", progress):
         if batch["images"] is None:
             continue
@@ -77,21 +76,6 @@ def zero_loss_step(model, shape, accelerator) -> torch.Tensor:
     return model(torch.zeros(shape, device=accelerator.device)).sum() * 0.0
 
 
-def method_loss(method, tables: Tables, seed: int, model, prior: bool = False):
-    """The per-step loss of a mixing method: its mixed inputs and soft targets, its loss (soft CE, Eq. 7), plus
-    DivideMix's prior penalty when `prior`. The mixing RNG is seeded per (seed, step), so a run resumed
-    mid-epoch draws what it would have drawn."""
-    def step_loss(batch: dict, step: int):
-        generator = torch.Generator().manual_seed(seed * 100_003 + step)
-        inputs, targets = method.inputs_targets(batch, tables, generator, model=model)
-        if not len(inputs):
-            return None, 0
-        logits = model(inputs)
-        loss = method.loss(logits, targets.to(inputs.device))
-        return (loss + prior_penalty(logits) if prior else loss), len(inputs)
-    return step_loss
-
-
 class Diverged(RuntimeError):
     """The training loss became non-finite on some rank; raised on every rank before the step is applied."""
 
@@ -111,15 +95,17 @@ def step_flags(loss: torch.Tensor, stop) -> tuple[bool, bool]:
     return bool(flags[0] > 0), bool(flags[1] > 0)
 
 
-def train_one_epoch(model, optimizer, step_loss, loader, accelerator, input_shape, progress: bool = False,
-                    stop=None, start_step: int = 0) -> dict:
-    """One pass over the loader: `step_loss(batch, step)` -> (loss, images it counts) or (None, 0), SGD step.
+def train_one_epoch(ctx, optimizer, step_loss, loader, stop=None) -> dict:
+    """One pass over the loader of the epoch of `ctx` (a train.methods.EpochContext: model, accelerator, input
+    shape, first step): `step_loss(batch, step)` -> (loss, images it counts) or (None, 0), SGD step.
 
     A batch with no readable image still takes a zero-loss step, so DDP's all-reduce runs on every rank.
     Before each backward pass the ranks agree on two flags: a non-finite loss anywhere raises `Diverged` on
     every rank (the weights keep the last finite step), and a `stop` request ends the pass after this step;
     `stopped_at` is then the next step to run.
     """
+    model, accelerator, start_step = ctx.model, ctx.accelerator, ctx.start_step
+    progress = ctx.cfg.progress and accelerator.is_local_main_process
     model.train()
     total, count, skipped, wait, t0 = 0.0, 0, 0, 0.0, time.perf_counter()
     unreadable = set()
@@ -134,7 +120,7 @@ def train_one_epoch(model, optimizer, step_loss, loader, accelerator, input_shap
                 batch["images"] = batch["images"].to(accelerator.device, non_blocking=True)
                 loss, n = step_loss(batch, step)
             if loss is None:
-                loss = zero_loss_step(model, (2, *input_shape), accelerator)
+                loss = zero_loss_step(model, (2, *ctx.data.input_shape), accelerator)
         nonfinite, stopping = step_flags(loss, stop)
         if nonfinite:
             raise Diverged(step, loss.item())

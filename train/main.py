@@ -1,8 +1,8 @@
 """Entry point: `accelerate launch train/main.py [--config launch/configs/X.yaml] [--key value ...]`.
 
 With no arguments: MixNN on the built-in digits set with 40% symmetric noise (prepared on first use).
-The loop is Algorithm 1 for every method; each epoch (train.epoch.run_epoch) plans its ids, refreshes the
-per-sample tables (train.tables), trains one pass and evaluates.
+The loop is Algorithm 1 for every method (train.methods.METHODS); each epoch (train.epoch.run_epoch) plans its
+ids, lets the method refresh the per-sample tables and lay out its training pass, trains it and evaluates.
 """
 from __future__ import annotations
 
@@ -24,16 +24,15 @@ from accelerate.logging import get_logger
 
 from data.atomic import WriteFailed
 
-from .checkpoint import checkpoint_state, load_resume_checkpoint, restore, save_checkpoint
+from .checkpoint import checkpoint_state, load_resume_checkpoint, method_entry, restore, save_checkpoint
 from .config import Config, HelpRequested, UserError, help_text, load_config, save_config
 from .crossval import StageStopped, out_of_sample_probabilities
 from .dataset import Data, load_data
-from .dividemix import run_dividemix_epoch
 from .epoch import evaluate_splits, run_epoch, update_best
 from .loop import Diverged
-from .methods import NEEDS_CROSS_VALIDATION, Tables, create_method
-from .models import create_run_model
+from .methods import EpochContext, Method, Tables, create_method, create_run_model, method_class
 from .optim import create_optimizer
+from .results import EpochResult
 from .preempt import StopFlag
 from .report import write_report
 from .runfolder import claim_run_dir, finished_summary
@@ -48,8 +47,9 @@ def create_accelerator(cfg: Config) -> Accelerator:
     autocast: the same casts a GPU run takes - float32 logits and embeddings, soft CE in float32 - run in CI)."""
     cuda = torch.cuda.is_available()
     precision = "bf16" if cfg.mixed_precision == "bf16" or (cuda and cfg.mixed_precision == "auto") else "no"
-    # DivideMix trains one of its two networks per step: DDP must accept the other's unused parameters
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.method == "dividemix" else []
+    # a method whose step trains part of the model (two networks, one per step): DDP must accept unused parameters
+    unused = method_class(cfg.method).find_unused_parameters
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if unused else []
     return Accelerator(cpu=not cuda, mixed_precision=precision, kwargs_handlers=handlers)
 
 
@@ -63,14 +63,17 @@ def resolve_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
     return Path(cfg.output) / name[0]
 
 
-def create_run_method(cfg: Config, data: Data, accelerator, run_dir: Path, num_classes: int, stop=None):
-    """The method object; SelectMix and Confident Learning first run (or reload) the cross-validation stage."""
-    if cfg.method == "dividemix":
-        return None  # the epoch is the method (train.dividemix)
+def create_run_method(run: "Run", stop=None) -> Method:
+    """The method object (with its checkpoint entry when resuming); a method with `cross_validation` first runs
+    (or reloads) the K-fold stage (SelectMix, Confident Learning)."""
+    cfg, data, num_classes = run.cfg, run.data, run.data.manifest["num_classes"]
     oos = None
-    if cfg.method in NEEDS_CROSS_VALIDATION:
-        oos = out_of_sample_probabilities(cfg, data, accelerator, run_dir, num_classes, stop)
-    return create_method(cfg, data.train.labels, num_classes, oos)
+    if method_class(cfg.method).cross_validation:
+        oos = out_of_sample_probabilities(cfg, data, run.accelerator, run.run_dir, num_classes, stop)
+    method = create_method(cfg, data.train.labels, num_classes, oos)
+    if run.method_state is not None:
+        method.load_state_dict(run.method_state)
+    return method
 
 
 @dataclass
@@ -92,6 +95,8 @@ class Run:
     last_row: dict = field(default_factory=dict)  # summary.csv row of the checkpoint's epoch
     lock: object = None  # the run folder's lock (main process)
     finished: dict | None = None  # the saved summary of a run that already trained all its epochs
+    method: Method | None = None  # built after the run is restored (its stage may need the run folder)
+    method_state: dict | None = None  # the method's checkpoint entry, when resuming
 
 
 def on_main_process(accelerator: Accelerator, fn):
@@ -135,6 +140,7 @@ def start_run(cfg: Config) -> Run:
     if found is not None:
         path, state = found
         run.start, run.step, run.best = restore(state, model, optimizer, scheduler, run.tables, accelerator)
+        run.method_state = method_entry(state, method_class(cfg.method).legacy_keys)
         run.partial = dict(state.get("partial_metrics") or {})
         run.last_row = dict(state.get("summary_row") or {})
         logger.info("resumed %s from %s at epoch %d step %d", run_dir, path.name, run.start, run.step)
@@ -162,34 +168,35 @@ def train(cfg: Config) -> dict:
     log.restore_row(run.last_row)  # a kill between the checkpoint and the summary.csv write lost nothing
     stop = StopFlag().install()  # before the cross-validation stage: a signal there is honoured at the first step
     try:
-        method = create_run_method(cfg, run.data, accelerator, run.run_dir, run.data.manifest["num_classes"], stop)
+        run.method = create_run_method(run, stop)
     except StageStopped as e:
         return stage_stopped(run, e, stop)
     select = cfg.select_split or (cfg.eval_splits[0] if cfg.eval_splits else "")
     metrics = {}
-    epoch_fn = run_dividemix_epoch if cfg.method == "dividemix" else run_epoch
     for epoch in range(run.start, cfg.epochs):
+        ctx = EpochContext(cfg, epoch, run.model, run.data, tables, accelerator,
+                           start_step=run.step if epoch == run.start else 0)
         try:
-            metrics = epoch_fn(cfg, epoch, run.model, run.optimizer, method, run.data, tables, accelerator, stop,
-                               run.step if epoch == run.start else 0)
+            result = run_epoch(ctx, run.method, run.optimizer, stop)
         except Diverged as e:
             raise diverged(run, epoch, e.step) from None
         if epoch == run.start and run.step:  # the scalars the preempted part of this epoch logged (its refresh)
-            metrics = {**run.partial, **metrics}
-        if metrics["stopped_at"] is not None:
-            return preempted(run, epoch, metrics, stop)
-        metrics.update(evaluate_splits(cfg, epoch, run.model, run.data, accelerator))
+            result.scalars = {**run.partial, **result.scalars}
+        if result.stopped_at is not None:
+            return preempted(run, epoch, result, stop)
+        result.add(evaluate_splits(cfg, epoch, run.model, run.data, accelerator))
         if not all(bool(torch.isfinite(p).all()) for p in run.model.parameters()):
             raise diverged(run, epoch, None)
         run.scheduler.step()
-        run.best, is_best = update_best(run.best, metrics, select)
+        run.best, is_best = update_best(run.best, result.scalars, select)
         t0 = time.perf_counter()
-        state = checkpoint_state(cfg, epoch, run.model, run.optimizer, run.scheduler, tables, run.best, accelerator)
-        state["summary_row"] = scalars(metrics)
+        state = checkpoint_state(run, epoch)
+        state["summary_row"] = scalars(result.scalars)
         if accelerator.is_main_process:
             save_checkpoint(run.run_dir, state, epoch, keep=cfg.keep_checkpoints, is_best=is_best)
-        metrics["time_checkpoint"] = time.perf_counter() - t0  # on the main process: gathering RNG states and writing
-        log.write(metrics, tables, run.data.train)
+        result.add({"time_checkpoint": time.perf_counter() - t0})  # main process: gathering RNG states, writing
+        log.write(result, tables, run.data.train)
+        metrics = result.scalars
         logger.info(format_epoch(metrics), main_process_only=True)
         accelerator.wait_for_everyone()
     metrics = metrics or log.last_row()  # nothing left to train: the last logged epoch (final.json was lost)
@@ -264,14 +271,12 @@ def scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def preempted(run: Run, epoch: int, metrics: dict, stop) -> dict:
+def preempted(run: Run, epoch: int, result: EpochResult, stop) -> dict:
     """Write the mid-epoch checkpoint (`last.pt`, with the scalars logged so far this epoch) and leave; the
     batch script requeues the job (exit 0), or Ctrl-C exits 130."""
-    step = metrics["stopped_at"]
-    partial = {k: v for k, v in scalars(metrics).items() if k != "stopped_at"}
-    state = checkpoint_state(run.cfg, epoch, run.model, run.optimizer, run.scheduler, run.tables, run.best,
-                             run.accelerator, step=step)
-    state["partial_metrics"] = partial
+    step = result.stopped_at
+    state = checkpoint_state(run, epoch, step=step)
+    state["partial_metrics"] = scalars(result.scalars)
     if run.accelerator.is_main_process:
         save_checkpoint(run.run_dir, state, epoch, keep=run.cfg.keep_checkpoints, is_best=False)
         print(f"preempted by {stop.signal_name or 'a signal on another rank'}: checkpoint at epoch {epoch} "

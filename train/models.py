@@ -204,43 +204,23 @@ def check_model_name(name: str) -> None:
 
 
 def create_model(name: str, num_classes: int, in_chans: int, *, pretrained: str = "", drop_rate: float = 0.0,
-                 channels_last: bool = False, pretrained_strict: bool = True):
-    """A timm model with random init (never downloads), then optional local weights.
-
-    `channels_last` stores the conv weights NHWC (timm's `--channels-last`); convolutions then run NHWC
-    whatever the input layout. On this CPU (oneDNN) it made resnet10t's training step ~15% and its
-    eval-mode forward ~30% faster; on GPUs with bf16 it is the usual choice.
-    """
+                 pretrained_strict: bool = True):
+    """A timm model with random init (never downloads), then optional local weights."""
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
                               drop_rate=drop_rate)
     if pretrained and pretrained != "none":  # "none": from scratch on purpose (a config may require a choice)
         load_local_weights(model, pretrained, strict=pretrained_strict)
-    return model.to(memory_format=torch.channels_last) if channels_last else model
+    return model
+
+
+def channels_last(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """The model with its conv weights stored NHWC when `enabled` (timm's `--channels-last`); convolutions then
+    run NHWC whatever the input layout. On this CPU (oneDNN) it made resnet10t's training step ~15% and its
+    eval-mode forward ~30% faster; on GPUs with bf16 it is the usual choice."""
+    return model.to(memory_format=torch.channels_last) if enabled else model
 
 
 def embed_and_classify(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(penultimate-layer embeddings [b, d], logits [b, C]) of an eval-mode timm model."""
     features = model.forward_head(model.forward_features(images), pre_logits=True)
     return features, model.get_classifier()(features)
-
-
-class CoModel(nn.Module):
-    """DivideMix's two networks as one module: `model(x)` is the sum of both networks' logits (the authors'
-    evaluation), `model(x, net=j)` network j's logits (the training forward, through DDP when wrapped).
-    One module keeps evaluation, checkpoints and `accelerator.prepare` unchanged."""
-
-    def __init__(self, first: nn.Module, second: nn.Module):
-        super().__init__()
-        self.nets = nn.ModuleList([first, second])
-
-    def forward(self, x: torch.Tensor, net: int = -1) -> torch.Tensor:
-        if net >= 0:
-            return self.nets[net](x)
-        return self.nets[0](x) + self.nets[1](x)
-
-
-def create_run_model(cfg, num_classes: int, in_chans: int, **kwargs) -> nn.Module:
-    """The network a run trains: one timm model, or for DivideMix two independently initialised ones (drawn
-    one after the other from the seeded global RNG) in a `CoModel`."""
-    make = lambda: create_model(cfg.model, num_classes, in_chans, channels_last=cfg.channels_last, **kwargs)
-    return CoModel(make(), make()) if cfg.method == "dividemix" else make()

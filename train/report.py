@@ -24,8 +24,7 @@ from data.reader import ShardDataset
 from . import figures
 from .checkpoint import find_checkpoint, load_checkpoint
 from .figures import confusion_figure, label_issues_figure
-from .methods import Tables
-from .targets import SoftTargets
+from .targets import SoftTargets, Tables
 
 FIGURE_MAX_CLASSES = 100  # confusion matrices beyond this are unreadable
 FIGURE_ISSUES = 32  # images in label_issues.png

@@ -14,21 +14,24 @@ from data.atomic import atomic_write_text
 from data.reader import ShardDataset
 
 from .config import Config
-from .figures import gmm_figure
-from .methods import Tables
+from .results import EpochResult
+from .targets import Tables
 
 
 TAG_GROUPS = (  # TensorBoard groups scalars by the part of the tag before the first '/'
     ("eval", ("_top1", "_top5", "_skipped")), ("time", ("time_", "_seconds")),
     ("noise", ("noise_", "clean_fraction", "uncertain_", "confident_fraction", "removed_")),
-    ("gmm", ("gmm_",)), ("dividemix", ("dividemix_",)), ("labels", ("label_correction",)), ("neighbours", ("nn_", "neighbour_", "knn_")),
+    ("gmm", ("gmm_",)), ("labels", ("label_correction",)), ("neighbours", ("nn_", "neighbour_", "knn_")),
     ("memorisation", ("train_acc_given_",)),
     ("train", ("train_", "lr", "images_per_second", "skipped_train", "unreadable_", "peak_rss", "tables_checked")),
 )
 
 
-def tag(key: str) -> str:
-    """`group/key` for TensorBoard: eval/, time/, noise/, gmm/, labels/, neighbours/, memorisation/, train/."""
+def tag(key: str, groups: dict | None = None) -> str:
+    """`group/key` for TensorBoard: the group its producer declared (`groups`), else by name: eval/, time/,
+    noise/, gmm/, labels/, neighbours/, memorisation/, train/."""
+    if groups and key in groups:
+        return f"{groups[key]}/{key}"
     for group, marks in TAG_GROUPS:
         if any(key.startswith(m) or key.endswith(m) for m in marks):
             return f"{group}/{key}"
@@ -50,23 +53,22 @@ class RunLog:
             accelerator.log_with = [TensorBoardTracker("tb", str(run_dir))]
         accelerator.init_trackers("tb", config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
 
-    def write(self, metrics: dict, tables: Tables, train: ShardDataset) -> None:
-        """Log one epoch; `metrics["unreadable_ids"]` (this epoch's unreadable training ids) joins the list."""
-        figures = {k: metrics.pop(k) for k in [k for k in metrics if k.startswith("_figure_")]}
-        new = [int(i) for i in metrics.pop("unreadable_ids", ()) if int(i) not in self.unreadable]
+    def write(self, result: EpochResult, tables: Tables, train: ShardDataset) -> None:
+        """Log one epoch: its scalars (summary.csv, TensorBoard under their groups), its figures, and its
+        unreadable training ids joined to the list."""
+        metrics = result.scalars
+        new = [int(i) for i in result.unreadable_ids if int(i) not in self.unreadable]
         for i in new:
             self.unreadable[i] = (str(train.sources[i]), train.read_error(i))
         metrics["unreadable_train_samples"] = len(self.unreadable)
-        self.accelerator.log({tag(k): v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch"},
-                             step=metrics["epoch"])
+        self.accelerator.log({tag(k, result.groups): v for k, v in metrics.items()
+                              if isinstance(v, (int, float)) and k != "epoch"}, step=metrics["epoch"])
         if not self.accelerator.is_main_process:
             return
         if new:
             self.write_unreadable()
-        if "_figure_gmm" in figures:
-            fit, noisy = figures["_figure_gmm"]
-            self.tensorboard().add_figure("gmm/loss_histogram", gmm_figure(fit, noisy, metrics["epoch"]),
-                                          metrics["epoch"])
+        for name, draw in result.figures.items():
+            self.tensorboard().add_figure(name, draw(metrics["epoch"]), metrics["epoch"])
         self.histograms(metrics["epoch"], tables, train)
         self.rows = [r for r in self.rows if int(float(r["epoch"])) < metrics["epoch"]] + [metrics]  # resumed: redone
         self.write_rows()

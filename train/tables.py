@@ -2,6 +2,7 @@
 neighbour table; identical on every rank (checked by CRC)."""
 from __future__ import annotations
 
+import functools
 import time
 import zlib
 
@@ -15,9 +16,12 @@ from index.knn import knn_sharded, knn_with_recall, search_space
 
 from .config import Config, gmm_setting, method_default
 from .dataset import Data
-from .loop import RefreshStats, eval_batch_size, refresh
-from .methods import Tables, clean_weights, sharpen_rows
+from .figures import gmm_figure
+from .loop import RefreshStats, batched, eval_batch_size, refresh
 from .metrics import label_correction_accuracy, neighbour_agreement, noise_detection
+from .results import EpochResult
+from .seeds import gmm_seed
+from .targets import Tables, clean_weights, sharpen_rows
 
 
 def per_sample_loss(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -135,25 +139,27 @@ def apply_step_updates(tables: Tables, updates: list[tuple[np.ndarray, np.ndarra
 
 def refresh_train(cfg: Config, model, data: Data, ids: np.ndarray, accelerator, progress: bool = False) -> RefreshStats:
     """The refresh pass (eval mode, no augmentation) over this rank's training ids."""
-    return refresh(accelerator.unwrap_model(model), data.train_plain, ids, accelerator, eval_batch_size(cfg, accelerator),
-                   cfg.workers, progress=progress)
+    return refresh(accelerator.unwrap_model(model), data.train_plain, batched(ids, eval_batch_size(cfg, accelerator)),
+                   accelerator, cfg.workers, progress=progress)
 
 
-def refresh_tables(cfg: Config, epoch: int, model, data: Data, plan, tables: Tables, accelerator) -> dict:
-    """Refresh pass -> GMM clean probabilities -> soft targets (epoch >= E_s) -> neighbour table."""
+def refresh_tables(ctx) -> EpochResult:
+    """Refresh pass -> GMM clean probabilities -> soft targets (epoch >= E_s) -> neighbour table, for the
+    epoch of `ctx` (a train.methods.EpochContext)."""
+    cfg, data, plan, tables, accelerator = ctx.cfg, ctx.data, ctx.plan, ctx.tables, ctx.accelerator
     t0 = time.perf_counter()
-    rank = accelerator.process_index
-    stats = refresh_train(cfg, model, data, plan.refresh_slice(rank), accelerator,
+    stats = refresh_train(cfg, ctx.model, data, plan.refresh_slice(ctx.rank), accelerator,
                           progress=cfg.progress and accelerator.is_local_main_process)
     t1 = time.perf_counter()
     labels = tables.targets.corrected() if cfg.gmm_loss == "corrected" else data.train.labels
     losses = gather_losses(stats, labels)
     t_gathered = time.perf_counter()
-    tables.loss_history, losses, clean, fit = fit_losses(cfg, losses, tables.loss_history, cfg.seed + epoch,
-                                                         accelerator.is_main_process, labels)
+    tables.loss_history, losses, clean, fit = fit_losses(cfg, losses, tables.loss_history,
+                                                         gmm_seed(cfg.seed, ctx.epoch), accelerator.is_main_process,
+                                                         labels)
     tables.clean = clean
     t2 = time.perf_counter()
-    if correction_due(cfg, epoch) and cfg.target_update == "refresh":
+    if correction_due(cfg, ctx.epoch) and cfg.target_update == "refresh":
         update_targets(tables, stats, target_rows(cfg, stats, data.train.labels, clean), cfg.ema)
     t3 = time.perf_counter()
     if cfg.knn_scope == "global":
@@ -173,8 +179,7 @@ def refresh_tables(cfg: Config, epoch: int, model, data: Data, plan, tables: Tab
         out.update(neighbour_diagnostics(tables.partners, data.train.labels, data.train.true_labels, plan.unique_ids))
         out.update(anchor_weight_diagnostics(tables.partners, clean, data.train.labels, data.train.true_labels,
                                              plan.unique_ids))
-    out.update(gmm_diagnostics(fit, losses, data.train))
-    return out
+    return EpochResult(out).merge(gmm_diagnostics(fit, losses, data.train))
 
 
 def fit_losses(cfg: Config, losses: np.ndarray, history: np.ndarray | None, seed: int, is_main: bool,
@@ -198,15 +203,16 @@ def gather_losses(stats: RefreshStats, labels: np.ndarray) -> np.ndarray:
     return gather_by_id(stats.ids, per_sample_loss(stats.probs, labels[stats.ids]).astype(np.float32), len(labels))
 
 
-def gmm_diagnostics(fit: CleanFit | None, losses: np.ndarray, train: ShardDataset) -> dict:
-    """The mixture's scalars and its figure (main process only: `fit` is None elsewhere)."""
+def gmm_diagnostics(fit: CleanFit | None, losses: np.ndarray, train: ShardDataset) -> EpochResult:
+    """The mixture's scalars and its loss-histogram figure (main process only: `fit` is None elsewhere)."""
     if fit is None:
-        return {}
+        return EpochResult()
     seen = ~np.isnan(losses)
     known = (train.true_labels[seen] >= 0).all()
     noisy = (train.labels != train.true_labels)[seen] if known else None
-    return {"gmm_mean_clean": fit.means[0], "gmm_mean_noisy": fit.means[1], "gmm_weight_clean": fit.weights[0],
-            "_figure_gmm": (fit, noisy)}  # the figure is drawn by the run log, not logged as a scalar
+    return EpochResult().add({"gmm_mean_clean": fit.means[0], "gmm_mean_noisy": fit.means[1],
+                              "gmm_weight_clean": fit.weights[0]}, group="gmm",
+                             figures={"gmm/loss_histogram": functools.partial(gmm_figure, fit, noisy)})
 
 
 def memorisation(stats: RefreshStats, train: ShardDataset) -> dict:
@@ -275,11 +281,12 @@ def refresh_due(cfg: Config, epoch: int, tables: Tables) -> bool:
     return tables.clean is None or (epoch - cfg.warmup_epochs) % cfg.refresh_every == 0
 
 
-def check_tables_identical(tables: Tables) -> None:
-    """Every rank must hold the same per-sample tables; a CRC of each is compared across ranks."""
+def check_tables_identical(tables: Tables, extra: tuple = ()) -> None:
+    """Every rank must hold the same per-sample tables (and the `extra` arrays a method keeps by sample id);
+    a CRC of each is compared across ranks."""
     targets = tables.targets
     parts = [targets.values.numpy(), targets.classes.numpy() if targets.topk else None, tables.clean,
-             tables.partners, tables.clean_per_net]
+             tables.partners, *extra]
     # crc32 reads the arrays' buffers in place (no copy of an N x C table)
     digest = np.array([[0 if p is None else zlib.crc32(np.ascontiguousarray(p).view(np.uint8)) for p in parts]],
                       dtype=np.int64)

@@ -1,10 +1,14 @@
-"""Soft targets t (Eq. 12), one row per sample id, kept small.
+"""The per-sample state of a run, indexed by sample id: soft targets t (Eq. 12), kept small, and the
+`Tables` an epoch refreshes (clean probabilities, neighbours, loss history); the soft-target math the
+methods share (sharpening, Eq. 10/11 clean-probability weights).
 
 Dense mode stores float16: 2 x C bytes per sample (CIFAR-10: 20 B; full WebVision 2.4M x 1000: 4.8 GB).
 Top-k mode stores the k largest classes as (int32 class, float16 value): 6 x k bytes per sample
 (full WebVision with k=10: 144 MB); the mass outside the top k is dropped and rows renormalised.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -109,3 +113,26 @@ class SoftTargets:
         if self.topk:
             self.classes = state["classes"].clone()
         self._corrected = self.argmax()
+
+
+@dataclass
+class Tables:
+    """Per-sample tables of the epoch, indexed by sample id and identical on every rank."""
+
+    targets: SoftTargets
+    clean: np.ndarray | None = None  # [N] float32, P(clean | loss) from the last GMM
+    partners: np.ndarray | None = None  # [N, K] int64 neighbour ids, -1 where none
+    loss_history: np.ndarray | None = None  # [W, N] float32 per-sample losses of the last W refreshes
+
+
+def sharpen_rows(p: torch.Tensor, temperature: float) -> torch.Tensor:
+    """p^(1/T) renormalised per row."""
+    powered = p.clamp_min(1e-12) ** (1.0 / temperature)
+    return powered / powered.sum(1, keepdim=True)
+
+
+def clean_weights(clean: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Eq. 10/11: lam, beta_k = p / sum(p) over (sample, neighbours); equal weights when all p ~ 0."""
+    total = clean.sum(1, keepdim=True)
+    equal = torch.full_like(clean, 1.0 / clean.shape[1])
+    return torch.where(total > eps, (clean + eps / clean.shape[1]) / (total + eps), equal)

@@ -8,7 +8,7 @@ import torch
 
 from data.plan import build_epoch_plan
 from train.config import CONFIG_DIR, Config, ConfigError, load_config
-from train.epoch import epoch_method, warmup_plan
+from train.methods.base import EpochContext, warmup_plan
 from train.methods import CrossEntropy, MixNN, MixNNInBatch, Mixup, Tables, probability_loss, soft_cross_entropy
 from train.targets import SoftTargets
 
@@ -25,16 +25,16 @@ def test_probability_loss_is_minus_the_probability_of_the_target():
 def test_the_early_loss_applies_between_warm_up_and_correction_only():
     cfg = Config(warmup_epochs=2, correction_epoch=5, early_loss="prob")
     method = MixNN()
-    assert isinstance(epoch_method(cfg, 1, method), CrossEntropy) and epoch_method(cfg, 1, method).criterion == "ce"
-    early = epoch_method(cfg, 3, method)
+    assert isinstance(method.for_epoch(cfg, 1), CrossEntropy) and method.for_epoch(cfg, 1).criterion == "ce"
+    early = method.for_epoch(cfg, 3)
     assert isinstance(early, MixNN) and early.criterion == "prob" and method.criterion == "ce"  # a copy
-    assert epoch_method(cfg, 5, method) is method
+    assert method.for_epoch(cfg, 5) is method
     logits, targets = torch.randn(4, 3), torch.softmax(torch.randn(4, 3), 1)
     assert early.loss(logits, targets) == probability_loss(logits, targets)
     assert method.loss(logits, targets) == soft_cross_entropy(logits, targets)
-    mixup = epoch_method(Config(warmup_epochs=2, correction_epoch=5, early_loss="prob", mix_start="correction"), 3, method)
+    mixup = method.for_epoch(Config(warmup_epochs=2, correction_epoch=5, early_loss="prob", mix_start="correction"), 3)
     assert isinstance(mixup, Mixup) and mixup.criterion == "prob"  # the authors' pre-E_s phase: mixup, -p loss
-    assert epoch_method(Config(warmup_epochs=2, correction_epoch=-1, early_loss="prob"), 3, method) is method
+    assert method.for_epoch(Config(warmup_epochs=2, correction_epoch=-1, early_loss="prob"), 3) is method
 
 
 class TinyNet(torch.nn.Module):
@@ -80,7 +80,7 @@ def test_plain_mixup_steps_with_in_batch_neighbours_keep_the_un_mixed_train_mode
     batch = {"images": torch.randn(8, 1, 2, 2) + 3.0, "ids": torch.arange(8), "valid": torch.ones(8, dtype=torch.bool)}
     cfg = Config(method="mixnn", knn_scope="batch", batch_knn_mode="train", mix_start="correction",
                  warmup_epochs=2, correction_epoch=5, early_loss="prob", mixup_alpha=1.0)
-    method = epoch_method(cfg, 3, MixNNInBatch(mode="train"))
+    method = MixNNInBatch(mode="train").for_epoch(cfg, 3)
     assert isinstance(method, MixNNInBatch) and method.plain_alpha == 1.0 and method.criterion == "prob"
     before = model.bn.running_mean.clone()
     x, y = method.inputs_targets(batch, tables, torch.Generator().manual_seed(3), model=model)
@@ -88,23 +88,22 @@ def test_plain_mixup_steps_with_in_batch_neighbours_keep_the_un_mixed_train_mode
     mx, my = Mixup(1.0).inputs_targets(batch, tables, torch.Generator().manual_seed(3))
     assert torch.allclose(x, mx, atol=1e-6) and torch.allclose(y, my, atol=1e-6)
     assert not torch.allclose(x, batch["images"])  # mixed, not passed through
-    assert epoch_method(cfg, 5, MixNNInBatch(mode="train")).plain_alpha is None  # E_s: neighbours
+    assert MixNNInBatch(mode="train").for_epoch(cfg, 5).plain_alpha is None  # E_s: neighbours
 
 
 def test_after_correction_keeps_plain_mixup_through_e_s_under_the_soft_label_loss():
     cfg = Config(method="mixnn", knn_scope="batch", batch_knn_mode="train", mix_start="after_correction",
                  warmup_epochs=2, correction_epoch=9, early_loss="prob", target_update="step", target_update_every=10,
                  mixup_alpha=1.0)
-    at_es = epoch_method(cfg, 9, MixNNInBatch(mode="train"))  # E_s = 9 is the 10th epoch: a due one
+    at_es = MixNNInBatch(mode="train").for_epoch(cfg, 9)  # E_s = 9 is the 10th epoch: a due one
     assert at_es.plain_alpha == 1.0 and at_es.criterion == "ce" and at_es.step_momentum == 0.9
-    assert epoch_method(cfg, 8, MixNNInBatch(mode="train")).criterion == "prob"
+    assert MixNNInBatch(mode="train").for_epoch(cfg, 8).criterion == "prob"
     after = MixNNInBatch(mode="train")
-    assert epoch_method(cfg, 10, after) is after
+    assert after.for_epoch(cfg, 10) is after
     # the same for neighbours from the global index: plain mixup (soft targets) at E_s, MixNN after
     glob = Config(method="mixnn", mix_start="after_correction", warmup_epochs=2, correction_epoch=5)
-    assert isinstance(epoch_method(glob, 5, MixNN()), Mixup) and isinstance(epoch_method(glob, 6, MixNN()), MixNN)
-    assert isinstance(epoch_method(Config(method="mixnn", mix_start="correction", warmup_epochs=2, correction_epoch=5),
-                                   5, MixNN()), MixNN)
+    assert isinstance(MixNN().for_epoch(glob, 5), Mixup) and isinstance(MixNN().for_epoch(glob, 6), MixNN)
+    assert isinstance(MixNN().for_epoch(Config(method="mixnn", mix_start="correction", warmup_epochs=2, correction_epoch=5), 5), MixNN)
     # the step update of a plain epoch moves the targets of the batch from the un-mixed forward
     torch.manual_seed(0)
     model = TinyNet().train()
@@ -120,12 +119,12 @@ def test_plain_warm_up_reads_every_sample_in_id_order_through_the_eval_transform
 
     plan = build_epoch_plan(np.zeros(10, dtype=np.int64), seed=0, epoch=0, batch_size=4, world_size=2)
     cfg = Config(warmup_epochs=2, warmup_data="plain")
-    warm, dataset = warmup_plan(cfg, 1, plan, Data)
+    warm, dataset = warmup_plan(EpochContext(cfg, 1, None, Data, None, None), plan)
     assert dataset == "plain view" and warm.ids.tolist() == [*range(10), 0, 1]  # padded to whole batches
     assert [b.tolist() for b in warm.batches(1)] == [[2, 3], [6, 7], [0, 1]]
-    assert warmup_plan(cfg, 1, plan, Data)[0].ids.tolist() == warm.ids.tolist()  # the same every epoch
-    assert warmup_plan(cfg, 2, plan, Data) == (plan, Data.train)  # after warm-up: the epoch's own plan
-    assert warmup_plan(Config(warmup_epochs=2), 0, plan, Data) == (plan, Data.train)
+    assert warmup_plan(EpochContext(cfg, 1, None, Data, None, None), plan)[0].ids.tolist() == warm.ids.tolist()  # the same every epoch
+    assert warmup_plan(EpochContext(cfg, 2, None, Data, None, None), plan) == (plan, Data.train)  # after warm-up: the epoch's own plan
+    assert warmup_plan(EpochContext(Config(warmup_epochs=2), 0, None, Data, None, None), plan) == (plan, Data.train)
 
 
 def test_authors_options_are_checked():
@@ -157,8 +156,8 @@ def test_step_target_updates_move_the_batch_in_its_own_loss_and_reach_the_tables
     model = TinyNet().train()
     tables = Tables(SoftTargets(np.zeros(8, dtype=np.int64), 2), clean=np.full(8, 0.5, np.float32))
     batch = {"images": torch.randn(8, 1, 2, 2), "ids": torch.arange(8), "valid": torch.ones(8, dtype=torch.bool)}
-    method = epoch_method(Config(method="mixnn", knn_scope="batch", target_update="step", correction_epoch=3,
-                                 target_update_every=10, warmup_epochs=0), 9, MixNNInBatch(mode="train"))
+    method = MixNNInBatch(mode="train").for_epoch(Config(method="mixnn", knn_scope="batch", target_update="step", correction_epoch=3,
+                                 target_update_every=10, warmup_epochs=0), 9)
     assert method.step_momentum == 0.9
     _, y = method.inputs_targets(batch, tables, torch.Generator().manual_seed(0), model=model)
     assert (y[:, 1] > 0).all()  # every target moved 10% toward the prediction before the loss used it
@@ -167,8 +166,8 @@ def test_step_target_updates_move_the_batch_in_its_own_loss_and_reach_the_tables
     assert apply_step_updates(tables, method.step_updates + [(ids[:2], 1 - p[:2])], 0.9) == 8  # a repeat: once
     assert torch.allclose(tables.targets.rows(list(range(8))), 0.9 * torch.tensor([1.0, 0.0]) + 0.1 * torch.from_numpy(p),
                           atol=1e-3)
-    assert epoch_method(Config(knn_scope="batch", target_update="step", correction_epoch=3, target_update_every=10,
-                               warmup_epochs=0), 4, MixNNInBatch()).step_momentum is None  # not a due epoch (5th)
+    assert MixNNInBatch().for_epoch(Config(knn_scope="batch", target_update="step", correction_epoch=3, target_update_every=10,
+                               warmup_epochs=0), 4).step_momentum is None  # not a due epoch (5th)
     with pytest.raises(ConfigError, match="--target_update step works with --method mixnn --knn_scope batch"):
         load_config(["--knn_scope", "global", "--target_update", "step"])
 

@@ -3,6 +3,7 @@ runs on 1 and 2 CPU ranks with identical divisions, exact resume, standalone eva
 import csv
 import json
 import subprocess
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,10 +11,8 @@ import torch
 from conftest import accelerate_cmd, cpu_env, run_distributed
 
 from train.config import Config, ConfigError, load_config
-from train.dividemix import division, network_steps, prior_penalty, rampup, sharpen_rows
-from train.methods import Tables
-from train.models import CoModel, create_run_model
-from train.targets import SoftTargets
+from train.methods import CoModel, create_run_model
+from train.methods.dividemix import division, network_steps, prior_penalty, rampup, sharpen_rows
 
 ARGS = ["--method", "dividemix", "--warmup_epochs", "1", "--progress", "false", "--eval_every", "2"]
 
@@ -26,21 +25,26 @@ def launch(tmp, *args, processes=2):
 
 
 def test_each_network_trains_on_the_division_of_the_other():
-    tables = Tables(SoftTargets(np.zeros(6, dtype=np.int64), 2))
-    tables.clean_per_net = np.array([[0.9, 0.1], [0.9, 0.9], [0.1, 0.9], [0.2, 0.2], [0.6, 0.4], [0.4, 0.6]],
-                                    dtype=np.float32)
+    clean_per_net = np.array([[0.9, 0.1], [0.9, 0.9], [0.1, 0.9], [0.2, 0.2], [0.6, 0.4], [0.4, 0.6]],
+                             dtype=np.float32)
     ids = np.arange(6)
-    labelled, unlabelled = division(tables, ids, net=0, threshold=0.5)  # network 1 uses network 2's column
+    labelled, unlabelled = division(clean_per_net, ids, net=0, threshold=0.5)  # network 1 uses network 2's column
     assert labelled.tolist() == [1, 2, 5] and unlabelled.tolist() == [0, 3, 4]
-    labelled, _ = division(tables, ids, net=1, threshold=0.5)
+    labelled, _ = division(clean_per_net, ids, net=1, threshold=0.5)
     assert labelled.tolist() == [0, 1, 4]
+
+
+def at(cfg, epoch, labels, world, rank):
+    """The parts of an epoch context that network_steps reads."""
+    return SimpleNamespace(cfg=cfg, epoch=epoch, world=world, rank=rank,
+                           data=SimpleNamespace(train=SimpleNamespace(labels=labels)))
 
 
 def test_steps_read_each_sample_twice_with_as_many_unlabelled_and_split_over_ranks():
     cfg = Config(batch_size=4)
     labels = np.arange(40) % 4
     labelled, unlabelled = np.arange(0, 40, 2), np.arange(1, 13, 2)
-    per_rank = [network_steps(cfg, 3, 0, labels, labelled, 2, r, unlabelled) for r in range(2)]
+    per_rank = [network_steps(at(cfg, 3, labels, 2, r), 0, labelled, unlabelled) for r in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]) == 5  # 20 labelled / global batch 4
     seen = []
     for rank_steps in per_rank:
@@ -50,12 +54,41 @@ def test_steps_read_each_sample_twice_with_as_many_unlabelled_and_split_over_ran
             assert np.isin(x, labelled).all() and np.isin(u, unlabelled).all()
             seen += x.tolist()
     assert sorted(seen) == labelled.tolist()  # one pass over the labelled set, shared by the ranks
-    other = network_steps(cfg, 3, 1, labels, labelled, 2, 0, unlabelled)
+    other = network_steps(at(cfg, 3, labels, 2, 0), 1, labelled, unlabelled)
     assert not all((a == b).all() for a, b in zip(other, per_rank[0]))  # each network its own order
-    warm = network_steps(cfg, 0, 0, labels, np.arange(40), 1, 0)
+    warm = network_steps(at(cfg, 0, labels, 1, 0), 0, np.arange(40))
     assert len(warm) == 10 and all(len(b) == 4 for b in warm)  # warm-up: each id once
-    assert network_steps(cfg, 3, 0, labels, labelled, 1, 0, unlabelled[:0])[0].tolist()[:4] == \
-        network_steps(cfg, 3, 0, labels, labelled, 1, 0, unlabelled[:0])[0].tolist()[4:]
+    assert network_steps(at(cfg, 3, labels, 1, 0), 0, labelled, unlabelled[:0])[0].tolist()[:4] == \
+        network_steps(at(cfg, 3, labels, 1, 0), 0, labelled, unlabelled[:0])[0].tolist()[4:]
+
+
+def test_checkpoints_before_the_method_entry_restore_its_state():
+    """A DivideMix checkpoint of a version whose per-network tables sat at the top level (`clean_per_net`, a
+    [2, W, N] `loss_history`) restores them into the method, not into the shared tables."""
+    from train.checkpoint import method_entry, restore
+    from train.methods import DivideMix, Tables
+    from train.targets import SoftTargets
+
+    per_net, history = torch.rand(6, 2), torch.rand(2, 1, 6)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    old = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+           "epoch": 3, "step": 0, "targets": SoftTargets(np.zeros(6, dtype=np.int64), 2).state_dict(),
+           "clean": per_net.mean(1), "partners": None, "loss_history": history, "clean_per_net": per_net,
+           "rng": [torch.get_rng_state()], "best": {"metric": -1.0, "epoch": -1}}
+    tables = Tables(SoftTargets(np.zeros(6, dtype=np.int64), 2))
+
+    class OneProcess:
+        process_index, num_processes = 0, 1
+        unwrap_model = staticmethod(lambda m: m)
+
+    assert restore(old, model, optimizer, scheduler, tables, OneProcess())[0] == 3
+    method = DivideMix()
+    method.load_state_dict(method_entry(old, DivideMix.legacy_keys))
+    assert np.array_equal(method.clean_per_net, per_net.numpy()) and np.array_equal(method.loss_history, history)
+    assert tables.loss_history is None and np.allclose(tables.clean, per_net.mean(1).numpy())
+    assert method_entry({"method": method.state_dict()}, DivideMix.legacy_keys)["clean_per_net"].shape == (6, 2)
 
 
 def test_losses_and_ramp_follow_the_authors():
@@ -132,7 +165,8 @@ def test_two_ranks_hold_the_same_division_and_log_it(two_rank_run):
     assert float(last["noise_auc_net1"]) > 0.8  # 40% symmetric noise on digits: the GMMs find it
     assert float(last["test_top1"]) > 60
     state = torch.load(two_rank_run / "last.pt", weights_only=True)
-    assert state["clean_per_net"].shape == (1294, 2)
+    assert state["method"]["clean_per_net"].shape == (1294, 2)  # the method's own checkpoint entry
+    assert state["clean"].shape == (1294,) and state["loss_history"] is None  # the shared tables hold no history
     assert any(k.startswith("nets.1.") for k in state["model"])
     assert (two_rank_run / "labels.csv").is_file()
 
@@ -145,7 +179,7 @@ def test_resume_gives_the_same_two_networks(two_rank_run, tmp_path, digits_shard
     reference = torch.load(two_rank_run / "last.pt", weights_only=True)
     for key, value in reference["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
-    assert torch.equal(reference["clean_per_net"], resumed["clean_per_net"])
+    assert torch.equal(reference["method"]["clean_per_net"], resumed["method"]["clean_per_net"])
 
 
 def test_one_rank_run_and_standalone_evaluation_of_the_pair(tmp_path, digits_shards):

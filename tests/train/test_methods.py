@@ -134,7 +134,7 @@ def test_random_weights_and_partners_ablations():
 
 def test_create_method_rejects_unknown_and_needs_folds():
     class C:
-        method, k, weights, partners, mixup_alpha = "dividemix", 1, "clean", "knn", 1.0
+        method, k, weights, partners, mixup_alpha = "dividemix2", 1, "clean", "knn", 1.0
     with pytest.raises(ValueError, match="expected one of ce, mixup, mixnn"):
         create_method(C())
     C.method = "selectmix"
@@ -275,7 +275,8 @@ def test_guess_online_in_mixnn_select_correct_and_selectmix():
                                                                             torch.Generator(), FixedNet())
     assert torch.allclose(y, torch.stack([torch.tensor([0.0, 1.0]), guess]))
     oos = np.array([[0.9, 0.1], [0.9, 0.1], [0.05, 0.95], [0.05, 0.95]], np.float32)  # 0, 1 uncertain
-    method = SelectMix(oos, np.array([1, 1, 1, 1]), alpha=0.0, guess=0.5)
+    method = SelectMix(oos, np.array([1, 1, 1, 1]), alpha=0.0)
+    method.guess = 0.5
     _, y = method.inputs_targets(fake_batch([1, 2, 2, 2]), tables, torch.Generator(), FixedNet())
     # anchor 1 uncertain, mixed 0.5/0.5 with confident sample 2: its own half is the guess, not the fold's oos
     assert torch.allclose(y[0], 0.5 * guess + 0.5 * torch.tensor([0.0, 1.0]))
@@ -283,7 +284,7 @@ def test_guess_online_in_mixnn_select_correct_and_selectmix():
 
 
 def test_prior_penalty_is_zero_for_balanced_predictions_and_added_by_method_loss():
-    from train.loop import method_loss
+    from train.methods import method_loss
     from train.methods import CrossEntropy, prior_penalty
 
     assert float(prior_penalty(torch.tensor([[2.0, 0.0], [0.0, 2.0]]))) == pytest.approx(0.0, abs=1e-6)

@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import save_file
 
 from train.config import UserError
-from train.models import create_model, embed_and_classify
+from train.models import channels_last, create_model, embed_and_classify
 
 
 def test_local_weights_load_and_classifier_reinit(tmp_path):
@@ -52,7 +52,7 @@ def test_channels_last_weights_give_the_same_outputs():
     torch.manual_seed(0)
     plain = create_model("resnet18", 7, 3).eval()
     torch.manual_seed(0)
-    nhwc = create_model("resnet18", 7, 3, channels_last=True).eval()
+    nhwc = channels_last(create_model("resnet18", 7, 3)).eval()
     assert nhwc.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert not plain.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 32, 32)

@@ -8,8 +8,10 @@ import torch
 
 from index.knn import knn_in_batch
 
-from .base import CrossEntropy, Tables, beta_draw, clean_weights, group_rows, guessed_targets, mix_groups, unwrap
-from .mixup import mixup_draws
+from ..tables import apply_step_updates, correction_due
+from .base import CrossEntropy, Tables, beta_draw, clean_weights, group_rows, guess_temperature, guessed_targets, \
+    mix_groups, unwrap
+from .mixup import Mixup, mixup_draws
 
 
 def beta_weights(n: int, groups: int, alpha: float, generator: torch.Generator) -> torch.Tensor:
@@ -28,7 +30,42 @@ class MixNN(CrossEntropy):
     max(lam, 1 - lam), the neighbours share the rest); `partners` random instead of knn.
     """
 
-    name, uses_tables = "mixnn", True
+    name, uses_tables, guesses = "mixnn", True, True
+    # the authors' train_cifar_with_MixNN.py (as launch/configs/mixnn_authors.yaml, whose comments cite the
+    # lines), chosen on the noisy val split (docs/benchmarks.md); launch/configs/mixnn_global.yaml is the
+    # paper's global neighbour search instead
+    defaults = {"gmm_loss_window": 1, "knn_scope": "batch", "batch_knn_mode": "train", "target_update": "step",
+                "target_update_every": 10, "mix_start": "after_correction", "early_loss": "prob",
+                "warmup_data": "plain", "gmm_loss": "corrected", "gmm_window_scale": "normalised"}
+
+    @classmethod
+    def from_config(cls, cfg, labels, num_classes, oos=None):
+        """In-batch neighbours (`knn_scope: batch`, MixNNInBatch) or the global search's neighbour table."""
+        guess = guess_temperature(cfg)
+        if getattr(cfg, "knn_scope", "global") == "batch":
+            return MixNNInBatch(cfg.k, cfg.weights, cfg.mixup_alpha, guess=guess, threshold=cfg.clean_threshold,
+                                mode=getattr(cfg, "batch_knn_mode", "eval"))
+        return cls(cfg.k, cfg.weights, cfg.partners, cfg.mixup_alpha, guess=guess, threshold=cfg.clean_threshold)
+
+    def for_epoch(self, cfg, epoch: int) -> CrossEntropy:
+        """CE during warm-up; with `mix_start: correction`, plain mixup (random in-batch partner) until E_s
+        (`after_correction`: through E_s, neighbours from E_s + 1, the MixNN authors' `epoch > es`; with
+        in-batch neighbours those steps keep the un-mixed forward); with `early_loss`, the loss before E_s is
+        that criterion (the authors': -p[label]); with `target_update: step`, a due epoch moves the soft
+        targets in its steps."""
+        if epoch < cfg.warmup_epochs:
+            return CrossEntropy()
+        method = self
+        plain_until = cfg.correction_epoch + (cfg.mix_start == "after_correction")  # E_s, or through E_s itself
+        if cfg.mix_start in ("correction", "after_correction") and epoch < plain_until:
+            method = method.plain_mixing(cfg.mixup_alpha) if isinstance(method, MixNNInBatch) else Mixup(cfg.mixup_alpha)
+        if epoch < max(cfg.correction_epoch, 0) and cfg.early_loss != method.criterion:
+            method = copy.copy(method)
+            method.criterion = cfg.early_loss
+        if cfg.target_update == "step" and isinstance(method, MixNN) and correction_due(cfg, epoch):
+            method = copy.copy(method)
+            method.step_momentum, method.step_updates = cfg.ema, []
+        return method
 
     def __init__(self, k: int = 1, weights: str = "clean", partners: str = "knn", alpha: float = 1.0,
                  guess: float | None = None, threshold: float = 0.5):
@@ -94,6 +131,12 @@ class MixNNInBatch(MixNN):
         p = torch.softmax(logits.float(), 1).cpu()
         self.step_updates.append((ids.numpy().copy(), p.numpy()))
         return self.step_momentum * tables.targets.rows(ids) + (1 - self.step_momentum) * p
+
+    def finish(self, tables: Tables):
+        """`target_update: step`: the epoch's step updates written into every rank's tables after the pass."""
+        if self.step_momentum is None:
+            return None
+        return lambda: {"targets_moved_in_steps": apply_step_updates(tables, self.step_updates, self.step_momentum)}
 
     def plain_mixing(self, alpha: float) -> "MixNNInBatch":
         """A copy that mixes each row with a random other row of the batch, one lam ~ Beta(alpha, alpha) for the

@@ -31,6 +31,10 @@ class Mixup(CrossEntropy):
     def __init__(self, alpha: float = 1.0):
         self.alpha = alpha
 
+    @classmethod
+    def from_config(cls, cfg, labels, num_classes, oos=None):
+        return cls(cfg.mixup_alpha)
+
     def inputs_targets(self, batch, tables, generator, model=None):
         x, y = super().inputs_targets(batch, tables, generator)
         return mix_in_batch(x, y, self.alpha, generator)

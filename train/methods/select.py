@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import CrossEntropy, Tables, group_rows, guessed_targets
+from .base import CrossEntropy, Tables, group_rows, guess_temperature, guessed_targets
 from .mixup import mix_in_batch
 
 
@@ -27,6 +27,10 @@ class Select(CrossEntropy):
     def __init__(self, threshold: float = 0.5):
         self.threshold = threshold
 
+    @classmethod
+    def from_config(cls, cfg, labels, num_classes, oos=None):
+        return cls(cfg.clean_threshold)
+
     def train_ids(self, ids: np.ndarray, tables: Tables) -> np.ndarray | None:
         if tables.clean is None:
             return None
@@ -37,12 +41,20 @@ class SelectCorrect(CrossEntropy):
     """Clean samples on their given label, the others on their corrected soft target; `mixup_alpha` set:
     then mixup inside the batch."""
 
-    name, uses_tables = "select-correct", True
+    name, uses_tables, guesses = "select-correct", True, True
+    # one mixture per class on log-losses, measured better for it on Fashion-MNIST (docs/benchmarks.md,
+    # "Defaults and why")
+    defaults = {"gmm_split": "class", "gmm_scale": "log"}
 
     def __init__(self, labels: np.ndarray, num_classes: int, threshold: float = 0.5, guess: float | None = None,
                  mixup_alpha: float | None = None):
         self.labels, self.num_classes, self.threshold, self.guess = labels, num_classes, threshold, guess
         self.mixup_alpha = mixup_alpha
+
+    @classmethod
+    def from_config(cls, cfg, labels, num_classes, oos=None):
+        return cls(labels, num_classes, cfg.clean_threshold, guess=guess_temperature(cfg),
+                   mixup_alpha=cfg.mixup_alpha if getattr(cfg, "select_mixup", False) else None)
 
     def inputs_targets(self, batch, tables: Tables, generator, model=None):
         images, ids, valid = group_rows(batch, 0)
@@ -71,11 +83,15 @@ def label_issues(labels: np.ndarray, oos: np.ndarray) -> np.ndarray:
 class ConfidentLearning(CrossEntropy):
     """CE on the samples cleanlab does not flag, from out-of-sample probabilities [N, C]."""
 
-    name = "confident-learning"
+    name, cross_validation = "confident-learning", True
 
     def __init__(self, oos: np.ndarray, labels: np.ndarray):
         self.issues = label_issues(labels, oos)  # [N] bool
         self.labels = labels
+
+    @classmethod
+    def from_config(cls, cfg, labels, num_classes, oos=None):
+        return cls(oos, labels)
 
     def train_ids(self, ids: np.ndarray, tables: Tables) -> np.ndarray | None:
         return ids[~self.issues[ids]]

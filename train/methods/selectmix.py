@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import CrossEntropy, Tables, group_rows, guessed_targets
+from .base import CrossEntropy, Tables, group_rows, guess_temperature, guessed_targets
 from .select import label_issues
 
 
@@ -55,15 +55,23 @@ def split_uncertain(oos: np.ndarray, labels: np.ndarray, *, threshold: float, co
 class SelectMix(CrossEntropy):
     """Mix only the uncertain samples, each with a confident sample of its predicted class."""
 
-    name, num_partners = "selectmix", 1
+    name, num_partners, cross_validation, guesses = "selectmix", 1, True, True
+    guess = None  # temperature of the online targets of the uncertain samples (`--guess online`; None: off)
+
+    @classmethod
+    def from_config(cls, cfg, labels, num_classes, oos=None):
+        method = cls(oos, labels, threshold=cfg.selectmix_threshold, confident=cfg.selectmix_confident,
+                     alpha=cfg.mixup_alpha, rule=cfg.selectmix_rule)
+        method.guess = guess_temperature(cfg)
+        return method
 
     def __init__(self, oos: np.ndarray, labels: np.ndarray, *, threshold: float = 0.5, confident: float = 0.8,
-                 alpha: float = 1.0, rule: str = "mismatch", guess: float | None = None):
+                 alpha: float = 1.0, rule: str = "mismatch"):
         self.oos = oos.astype(np.float32)  # [N, C] out-of-sample softmax
         self.labels = labels
         self.uncertain, self.confident = split_uncertain(oos, labels, threshold=threshold, confident=confident,
                                                          rule=rule)
-        self.alpha, self.precursor, self.guess = alpha, rule == "precursor", guess
+        self.alpha, self.precursor = alpha, rule == "precursor"
         pred = oos.argmax(1)
         agree = (pred == labels) & ~self.uncertain
         if self.precursor:  # any sample labelled with the predicted class

@@ -1,0 +1,31 @@
+"""The typed result of an epoch (or of a part of it, e.g. its refresh): what the loop logs and acts on."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class EpochResult:
+    """What an epoch (or a part of it) produced: scalars for summary.csv and TensorBoard, figures for
+    TensorBoard, this rank's unreadable training ids, and where a preempted pass stopped (None: it ran to
+    its end). A scalar's TensorBoard group is declared by whoever adds it (`add(..., group=)`); the others
+    are grouped by name (train.runlog.tag)."""
+
+    scalars: dict = field(default_factory=dict)
+    figures: dict = field(default_factory=dict)  # TensorBoard tag -> function of the epoch returning a figure
+    groups: dict = field(default_factory=dict)  # scalar name -> TensorBoard group
+    unreadable_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    stopped_at: int | None = None
+
+    def add(self, values: dict, group: str | None = None, figures: dict | None = None) -> "EpochResult":
+        self.scalars.update(values)
+        if group is not None:
+            self.groups.update(dict.fromkeys(values, group))
+        self.figures.update(figures or {})
+        return self
+
+    def merge(self, other: "EpochResult") -> "EpochResult":
+        self.groups.update(other.groups)
+        return self.add(other.scalars, figures=other.figures)
