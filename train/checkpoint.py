@@ -7,7 +7,6 @@ newest checkpoint that loads and matches its digest: `last.pt`, else the epoch f
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
 import logging
@@ -20,7 +19,7 @@ import torch
 from data.atomic import atomic_write, fsync_folder, temporary_path
 from index.comm import all_gather_rows
 
-from .config import UserError
+from .config import UserError, config_record
 from .targets import Tables
 
 logger = logging.getLogger(__name__)
@@ -186,7 +185,7 @@ def checkpoint_state(run, epoch: int, step: int | None = None) -> dict:
             "partners": None if tables.partners is None else torch.from_numpy(tables.partners),
             "loss_history": None if tables.loss_history is None else torch.from_numpy(tables.loss_history),
             "method": run.method.state_dict() if run.method is not None else {},
-            "rng": rng_states(), "best": run.best, "config": dataclasses.asdict(run.cfg)}
+            "rng": rng_states(), "best": run.best, "config": config_record(run.cfg)}
 
 
 def method_entry(state: dict, legacy_keys: tuple) -> dict:

@@ -40,7 +40,7 @@ class Config:
     #                                 different class count re-initialises); false: load what fits, list the rest
     channels_last: bool = False  # NHWC conv weights (timm's --channels-last): faster on CPU (oneDNN) and on GPUs
     # method
-    method: str = "mixnn"  # the method to train with: a name registered in train.methods.METHODS (listed below)
+    method: str = "mixnn"  # the method to train with, one registered in train.methods.METHODS
     k: int = 1  # neighbours per sample
     warmup_epochs: int = 5
     correction_epoch: int = 10  # E_s: soft targets move by EMA from this 0-based epoch on (-1: never)
@@ -148,17 +148,28 @@ AUTO_DEFAULTS = {
     "early_loss": "ce", "warmup_data": "augmented", "gmm_loss": "given", "gmm_window_scale": "raw",
 }
 BATCH_ONLY = ("batch_knn_mode", "target_update")  # their method default needs knn_scope batch (else: the default)
-# A run folder's config.yaml records every key its version knew, so a resumed run keeps its settings - except
-# keys added later whose default has changed since: a config.yaml that lacks one was written before the key
-# existed, and the key's first default is what that run did. Whoever changes a default adds the key here with
-# the value it had when it was added (train/config.py's history).
-FIRST_DEFAULTS = {"gmm_loss_window": 1, "gmm_split": "global", "gmm_scale": "linear", "selectmix_rule": "mismatch",
-                  "knn_scope": "global", "batch_knn_mode": "eval", "target_update": "refresh", "target_update_every": 1,
-                  "mix_start": "warmup", "early_loss": "ce", "warmup_data": "augmented", "gmm_loss": "given",
-                  "gmm_window_scale": "raw"}
+# A run folder's config.yaml and every checkpoint record every key with its resolved value and the
+# `config_version` of that record, so a resumed run keeps its settings whatever the defaults are today. A
+# record of an older version is migrated step by step (MIGRATIONS: version -> function to the next one);
+# whoever renames or removes a key, or adds one whose old behaviour is not today's default, bumps
+# CONFIG_VERSION and adds that step.
+CONFIG_VERSION = 2
 
 
-METADATA = ("noisymix_version",)  # written into RUN/config.yaml, not settings
+def migrate_1_to_2(values: dict) -> dict:
+    """Version 1 (records without `config_version`) lacked the keys added during its life; such a record was
+    written before the key existed, and the key's first default is what that run did."""
+    first = {"gmm_loss_window": 1, "gmm_split": "global", "gmm_scale": "linear", "selectmix_rule": "mismatch",
+             "knn_scope": "global", "batch_knn_mode": "eval", "target_update": "refresh", "target_update_every": 1,
+             "mix_start": "warmup", "early_loss": "ce", "warmup_data": "augmented", "gmm_loss": "given",
+             "gmm_window_scale": "raw"}
+    return {**{k: v for k, v in first.items() if k not in values}, **values}
+
+
+MIGRATIONS = {1: migrate_1_to_2}
+
+
+METADATA = ("noisymix_version", "config_version")  # written into RUN/config.yaml and checkpoints, not settings
 
 
 class UserError(Exception):
@@ -477,9 +488,21 @@ def gmm_setting(cfg: Config) -> tuple[str, str]:
 
 
 def saved_settings(values: dict) -> dict:
-    """A saved run's settings as it ran them: keys missing because its version predates them take their first
-    default (FIRST_DEFAULTS), not today's."""
-    return {**{k: v for k, v in FIRST_DEFAULTS.items() if k not in values}, **values}
+    """A saved run's settings as it ran them: its record migrated from its `config_version` (none: 1) to
+    CONFIG_VERSION (MIGRATIONS)."""
+    values = dict(values)
+    version = int(values.pop("config_version", 1))
+    if version > CONFIG_VERSION:
+        raise ConfigError(f"the run's settings were written by a newer version (config_version {version}; this "
+                          f"one reads up to {CONFIG_VERSION}): resume it with that version")
+    for step in range(version, CONFIG_VERSION):
+        values = MIGRATIONS[step](values)
+    return values
+
+
+def config_record(cfg: Config) -> dict:
+    """What RUN/config.yaml and a checkpoint record of the settings: every key and the record's version."""
+    return {"config_version": CONFIG_VERSION, **dataclasses.asdict(cfg)}
 
 
 def resumed_settings(run_dir: Path) -> dict:
@@ -516,5 +539,4 @@ def save_config(cfg: Config, path: Path) -> None:
 
     from .version import __version__
 
-    atomic_write_text(path, yaml.safe_dump({"noisymix_version": __version__, **dataclasses.asdict(cfg)},
-                                           sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump({"noisymix_version": __version__, **config_record(cfg)}, sort_keys=False))

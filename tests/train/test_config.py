@@ -1,5 +1,7 @@
 """Typed configuration: YAML defaults, CLI overrides, unknown keys rejected, shipped configs valid."""
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -172,3 +174,33 @@ def test_mixnn_defaults_follow_the_authors_code_and_mixnn_global_is_the_papers_s
     save_checkpoint(tmp_path, {"model": {}, "epoch": 1, "config": old}, 0, keep=2, is_best=False)
     assert dataclasses.asdict(load_config(["--resume", str(tmp_path)])) == dataclasses.asdict(glob) | {
         "resume": str(tmp_path)}
+
+
+def test_a_record_of_this_version_resumes_as_written_and_a_newer_one_is_refused(tmp_path):
+    """RUN/config.yaml and the checkpoint record `config_version`; a record of the current version is taken
+    as it is (no migration fills anything), one of a newer version is a clear error."""
+    from train.config import CONFIG_VERSION, config_record, read_yaml, save_config, saved_settings
+
+    cfg = load_config(["--method", "dividemix", "--lambda_u", "0"])
+    save_config(cfg, tmp_path / "config.yaml")
+    written = read_yaml(tmp_path / "config.yaml")
+    assert written["config_version"] == CONFIG_VERSION and saved_settings(written) == {
+        "noisymix_version": written["noisymix_version"], **dataclasses.asdict(cfg)}
+    record = config_record(cfg)
+    save_checkpoint(tmp_path, {"model": {}, "epoch": 1, "config": record}, 0, keep=2, is_best=False)
+    assert dataclasses.asdict(load_config(["--resume", str(tmp_path)])) == dataclasses.asdict(cfg) | {
+        "resume": str(tmp_path)}
+    record["config_version"] = CONFIG_VERSION + 1
+    save_checkpoint(tmp_path, {"model": {}, "epoch": 2, "config": record}, 1, keep=2, is_best=False)
+    with pytest.raises(ConfigError, match="written by a newer version"):
+        load_config(["--resume", str(tmp_path)])
+
+
+def test_every_shipped_config_resolves_to_its_recorded_values():
+    """Each launch/configs file alone resolves key for key to tests/train/resolved_configs.json (recorded
+    from the code before the method interface moved the per-method defaults into the method classes)."""
+    recorded = json.loads((Path(__file__).parent / "resolved_configs.json").read_text())
+    assert sorted(recorded) == sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+    for name, values in recorded.items():
+        resolved = dataclasses.asdict(load_config(["--config", str(CONFIG_DIR / name), "--pretrained", "none"]))
+        assert resolved == values, name
