@@ -188,12 +188,13 @@ def checkpoint_state(run, epoch: int, step: int | None = None) -> dict:
             "rng": rng_states(), "best": run.best, "config": config_record(run.cfg)}
 
 
-def method_entry(state: dict, legacy_keys: tuple) -> dict:
-    """A method's own checkpoint entry; in a checkpoint of a version before methods had one, its state sat at
-    the top level under the method's `legacy_keys`."""
+def method_entry(state: dict, legacy_keys: tuple) -> tuple[dict, dict]:
+    """(the shared state, the method's own entry) of a checkpoint. In a checkpoint of a version before methods
+    had an entry, the method's state sat at the top level under its `legacy_keys`: moved out of the shared
+    state into the entry (e.g. DivideMix's two-network `loss_history` is not the shared tables' history)."""
     if "method" in state:
-        return state["method"]
-    return {k: state.get(k) for k in legacy_keys}
+        return state, state["method"]
+    return {k: v for k, v in state.items() if k not in legacy_keys}, {k: state.get(k) for k in legacy_keys}
 
 
 def restore(state: dict, model, optimizer, scheduler, tables: Tables, accelerator) -> tuple[int, int, dict]:
@@ -205,8 +206,6 @@ def restore(state: dict, model, optimizer, scheduler, tables: Tables, accelerato
     tables.clean = None if state["clean"] is None else state["clean"].numpy()
     tables.partners = None if state["partners"] is None else state["partners"].numpy()
     history = state.get("loss_history")
-    if history is not None and "method" not in state and state.get("clean_per_net") is not None:
-        history = None  # an older two-network checkpoint: that history is the method's own (method_entry)
     tables.loss_history = None if history is None else history.numpy()
     restore_rng(state["rng"], accelerator)
     return state["epoch"], state.get("step", 0), state["best"]

@@ -5,6 +5,7 @@ import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import yaml
@@ -13,15 +14,12 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "launch" / "configs"
 
 
 @dataclass
-class Config:
-    """Every setting of a run. `batch_size` is the global batch (split evenly over the processes)."""
+class DataSettings:
+    """Data: the prepared shards and how they are read."""
 
-    # data
+    section: ClassVar[str] = "data"
     dataset: str = "digits"  # transform preset; digits is prepared on first use
     data: str = ""  # prepared shards folder (data.prepare --out); "" = shards/<dataset>-<noise>-s<noise_seed>
-    noise: str = "symmetric:0.4"  # only for preparing the built-in digits set on first use
-    noise_seed: int = 0
-    val_fraction: float = 0.1  # only for preparing digits: a noisy val split carved out of train
     train_split: str = "train"
     eval_splits: list = field(default_factory=lambda: ["val", "test"])
     select_split: str = ""  # split choosing the best checkpoint ("" = first eval split; noisy val by default)
@@ -31,7 +29,23 @@ class Config:
     cache_max_mb: int = 1024  # per process; digits ~0.1 MB, CIFAR-10 train ~150 MB, Clothing1M far beyond
     verify_crc: bool = False  # at start, also CRC-32 every shard against dataset.json (reads the data set once;
     #                           sizes, counts, ids and labels are always checked)
-    # model
+
+
+@dataclass
+class DigitsSettings:
+    """Preparing the built-in digits set (read only when its shards are made on first use)."""
+
+    section: ClassVar[str] = "digits"
+    noise: str = "symmetric:0.4"  # only for preparing the built-in digits set on first use
+    noise_seed: int = 0
+    val_fraction: float = 0.1  # only for preparing digits: a noisy val split carved out of train
+
+
+@dataclass
+class ModelSettings:
+    """Model."""
+
+    section: ClassVar[str] = "model"
     model: str = "small_cnn"
     pretrained: str = ""  # local weights file (never downloaded) | none (from scratch) | required (a config that
     #                        pretrains, as its paper does, refuses to start until --pretrained PATH or none is given)
@@ -39,20 +53,42 @@ class Config:
     pretrained_strict: bool = True  # --pretrained weights must fit the model (all but the classifier, which a
     #                                 different class count re-initialises); false: load what fits, list the rest
     channels_last: bool = False  # NHWC conv weights (timm's --channels-last): faster on CPU (oneDNN) and on GPUs
-    # method
+
+
+@dataclass
+class TrainingSettings:
+    """Method, schedule and soft targets."""
+
+    section: ClassVar[str] = "training"
     method: str = "mixnn"  # the method to train with, one registered in train.methods.METHODS
-    k: int = 1  # neighbours per sample
     warmup_epochs: int = 5
     correction_epoch: int = 10  # E_s: soft targets move by EMA from this 0-based epoch on (-1: never)
-    # A key below set to "auto" (a number: 0) takes the method's default (its class's `defaults`); for MixNN those follow
+    # A key set to "auto" (a number: 0) takes the method's default (its class's `defaults`); for MixNN those follow
     # the MixNN authors' released code, chosen on the noisy val split (docs/benchmarks.md, "MixNN's default").
     target_update_every: int = 0  # from E_s, move the soft targets only in epochs whose 1-based count is a multiple
     #                               of N (the last epoch of each N-epoch restart cycle): 1 is the paper's Eq. 12
     #                               every epoch; the MixNN authors' code (MixNN's default) uses 10
-    target_update: str = "auto"  # where Eq. 12 takes p from: refresh (eval mode, un-augmented, at the epoch's
-    #                              refresh) | step (the un-mixed train-mode forward of each training step, used by
-    #                              that step's loss: the authors' loss.py, MixNN's default; needs knn_scope batch)
     ema: float = 0.9
+    target_source: str = "prediction"  # what the EMA moves t toward: prediction (Eq. 12, p) | refined
+    #                                    (w y + (1 - w) p with w = P(clean), DivideMix's label refinement)
+    sharpen: float = 1.0  # temperature T applied to p before it enters the targets (1: none; DivideMix 0.5)
+    guess: str = "none"  # online: samples judged noisy (GMM; SelectMix: uncertain) train on the network's current
+    #                      prediction of their un-mixed image, sharpened by `sharpen` (DivideMix's label guessing
+    #                      with one network: one extra no-grad forward per step) | none: on their soft targets
+    warmup_data: str = "auto"  # warm-up epochs train on: augmented (shuffled, train transform) | plain (un-augmented
+    #                            images in sample-id order, the same every epoch: the MixNN authors' loader; MixNN's)
+    prior_penalty: bool = False  # + KL(uniform || mean batch prediction) after warm-up (DivideMix's regulariser)
+    mixup_alpha: float = 0.0  # Beta(alpha, alpha) of the mixing draws (0: the method's default: 1;
+    #                           DivideMix 4, its authors' Train_cifar.py)
+    targets_topk: int = 0  # 0: dense float16 soft targets; >0: keep the top-k classes per sample
+    memorisation_every: int = 5  # methods without a refresh pass: measure memorisation every N epochs (0: never)
+
+
+@dataclass
+class GMMSettings:
+    """Clean probabilities: the Gaussian mixture over per-sample losses."""
+
+    section: ClassVar[str] = "gmm"
     gmm_loss: str = "auto"  # loss the GMM sees: given (against the given label) | corrected (argmax(t): MixNN)
     refresh_every: int = 1  # refresh tables every R epochs after warm-up (1: every epoch, the paper; needs num_batches 0)
     gmm_loss_window: int = 0  # fit the GMM on each sample's loss averaged over the last W refreshes (0: the method's
@@ -62,36 +98,20 @@ class Config:
     gmm_split: str = "auto"  # global: one mixture over all samples (the papers) | class: one per label (the
     #                          label the loss is against), so each class gets its own split point | auto: the method's
     gmm_scale: str = "auto"  # the mixture is fit on min-max normalised losses (linear) or log-losses (log) | auto
-    weights: str = "clean"  # clean (Eq. 10/11) | avg | random | beta (anchor lam ~ Beta, max(lam, 1 - lam))
-    partners: str = "knn"  # knn | random
-    neighbour_pool: str = "all"  # where neighbours are searched: all | clean (P(clean) > clean_threshold) | class
-    #                              (clean samples of the anchor's corrected class)
-    mix_start: str = "auto"  # MixNN mixes with neighbours from: warmup (end of warm-up) | correction (E_s; plain
-    #                          mixup with random in-batch partners before it) | after_correction (E_s + 1: the epoch
-    #                          E_s itself is plain mixup under the soft-label loss, the authors' `epoch > es`; MixNN's)
-    early_loss: str = "auto"  # MixNN's loss between warm-up and E_s: ce (soft cross-entropy) | prob (-sum_c y_c p_c,
-    #                           a bounded loss: the MixNN authors' F.nll_loss on softmax probabilities; MixNN's)
-    warmup_data: str = "auto"  # warm-up epochs train on: augmented (shuffled, train transform) | plain (un-augmented
-    #                            images in sample-id order, the same every epoch: the MixNN authors' loader; MixNN's)
-    target_source: str = "prediction"  # what the EMA moves t toward: prediction (Eq. 12, p) | refined
-    #                                    (w y + (1 - w) p with w = P(clean), DivideMix's label refinement)
-    sharpen: float = 1.0  # temperature T applied to p before it enters the targets (1: none; DivideMix 0.5)
-    guess: str = "none"  # online: samples judged noisy (GMM; SelectMix: uncertain) train on the network's current
-    #                      prediction of their un-mixed image, sharpened by `sharpen` (DivideMix's label guessing
-    #                      with one network: one extra no-grad forward per step) | none: on their soft targets
-    select_mixup: bool = False  # select-correct: mix each batch in-batch (lambda ~ Beta(mixup_alpha)) after the
-    #                             split, clean rows on their given and noisy rows on their corrected targets
-    prior_penalty: bool = False  # + KL(uniform || mean batch prediction) after warm-up (DivideMix's regulariser)
     clean_threshold: float = 0.5  # P(clean) above which a sample counts as clean (select, pools, metrics)
-    memorisation_every: int = 5  # methods without a refresh pass: measure memorisation every N epochs (0: never)
-    mixup_alpha: float = 0.0  # Beta(alpha, alpha) of the mixing draws (0: the method's default: 1;
-    #                           DivideMix 4, its authors' Train_cifar.py)
+
+
+@dataclass
+class NeighbourSettings:
+    """Neighbours in feature space."""
+
+    section: ClassVar[str] = "neighbours"
+    k: int = 1  # neighbours per sample
     metric: str = "l2"  # l2 | cosine
     knn_scope: str = "auto"  # global: the whole epoch set, the sharded index (paper) | batch: inside each mini-batch
     #                          (the authors' code, MixNN's default)
-    batch_knn_mode: str = "auto"  # knn_scope batch: the un-mixed forward that finds the neighbours runs in eval mode
-    #                               | train (batch statistics, BatchNorm's running statistics updated: the authors'
-    #                               code, MixNN's default)
+    neighbour_pool: str = "all"  # where neighbours are searched: all | clean (P(clean) > clean_threshold) | class
+    #                              (clean samples of the anchor's corrected class)
     knn_index: str = "exact"  # exact | hnsw | ivf | clustered (approximate; recall@k vs exact is logged every epoch)
     knn_dim: int = 0  # >0: search on a PCA projection of the embeddings to this many dimensions (approximate;
     #                  cuts the search cost by d / knn_dim; recall@k against exact full-dimension search is logged)
@@ -101,22 +121,13 @@ class Config:
     clustered_nprobe: int = 2  # knn_index clustered: lists searched per query group
     recall_queries: int = 1000  # sampled queries for the recall estimate of an approximate index
     embed_transfer: str = "float32"  # float16 halves the query blocks sent between ranks
-    cv_folds: int = 5  # SelectMix: K-fold cross-validation for the out-of-sample probabilities
-    cv_epochs: int = 15  # SelectMix: epochs of each fold's model
-    cv_best_epoch: bool = True  # keep each fold's predictions at its best held-out accuracy vs the given labels
-    selectmix_rule: str = "cleanlab"  # cleanlab (find_label_issues on the out-of-sample probabilities) | mismatch
-    #                                   (prediction differs or p(given) < selectmix_threshold) | precursor (the
-    #                                   first author's public experiments, see train/methods/selectmix.py)
-    selectmix_threshold: float = 0.5  # mismatch rule: uncertain when p(given label) is below this (or prediction differs)
-    selectmix_confident: float = 0.8  # confident partner: prediction = given label with p >= this
-    # DivideMix (Li et al. 2020; defaults = the authors' Train_cifar.py); mixup's alpha is mixup_alpha
-    p_threshold: float = 0.5  # co-divide: labelled when the other network's P(clean) is above this
-    temperature: float = 0.5  # sharpening T of the refined (labelled) and co-guessed (unlabelled) targets
-    lambda_u: float = 25.0  # weight of the unlabelled loss (0: labelled mixup only, as for Clothing1M/WebVision)
-    rampup_epochs: int = 16  # lambda_u ramps up linearly over this many epochs after warm-up
-    warmup_penalty: bool = False  # negative-entropy penalty in warm-up (asymmetric noise, Clothing1M)
-    targets_topk: int = 0  # 0: dense float16 soft targets; >0: keep the top-k classes per sample
-    # optimisation
+
+
+@dataclass
+class OptimSettings:
+    """Optimisation. `batch_size` is the global batch (split evenly over the processes)."""
+
+    section: ClassVar[str] = "optimisation"
     epochs: int = 60
     batch_size: int = 64
     num_batches: int = 0  # 0: full pass per epoch; >0: class-balanced draw of num_batches batches
@@ -130,7 +141,13 @@ class Config:
     weight_decay: float = 5e-4
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, none on CPU | bf16 (CUDA or CPU autocast) | no (fp16 is
     #                                refused: it needs loss scaling, which the mixing losses are not tested with)
-    # run
+
+
+@dataclass
+class RunSettings:
+    """Run folder, seeds and logging."""
+
+    section: ClassVar[str] = "run"
     seed: int = 0
     output: str = "runs"
     run_name: str = ""  # "" = <dataset>-<method>-<timestamp>
@@ -138,6 +155,86 @@ class Config:
     eval_every: int = 1
     keep_checkpoints: int = 2
     progress: bool = True
+
+
+@dataclass
+class CrossValidationSettings:
+    """Cross-validation: the K-fold stage before the first epoch of the methods with `cross_validation`."""
+
+    section: ClassVar[str] = "cross_validation"
+    cv_folds: int = 5  # folds of the stage (SelectMix, Confident Learning): each gives out-of-sample probabilities
+    cv_epochs: int = 15  # epochs of each fold's model
+    cv_best_epoch: bool = True  # keep each fold's predictions at its best held-out accuracy vs the given labels
+
+
+# The general sections, in the order `--help` lists them; each method's own options are dataclasses in its file
+# (a method class's `options`), added after these by `config_class`.
+SECTIONS = (DataSettings, DigitsSettings, ModelSettings, TrainingSettings, GMMSettings, NeighbourSettings,
+            CrossValidationSettings, OptimSettings, RunSettings)
+
+
+def method_sections() -> list[type]:
+    """The methods' own options dataclasses (each registered method class's `options`), in registry order."""
+    return list(dict.fromkeys(cls for method in method_classes().values() for cls in method.options))
+
+
+def keys_of(cls: type) -> list[str]:
+    """A section dataclass's keys (its fields; `section`, `choices` and `ranges` are class variables)."""
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def all_sections() -> dict[str, type]:
+    """section name -> its dataclass: the general sections, then the methods' options."""
+    out = {}
+    for cls in (*SECTIONS, *method_sections()):
+        if out.setdefault(cls.section, cls) is not cls:
+            raise TypeError(f"{cls.__name__}: section name {cls.section!r} is already {out[cls.section].__name__}'s")
+    return out
+
+
+_CONFIG_CLASSES: dict = {}  # the sections' classes -> Config built from them
+
+
+def config_class() -> type:
+    """`Config`: one flat dataclass holding every section's fields (`cfg.lr`, `cfg.p_threshold`), so a key is
+    one name wherever it is written (YAML, `--key value`, RUN/config.yaml); built on first use, as the methods'
+    options live in their files, which import this module."""
+    sections = tuple(all_sections().values())  # a method registered later (a plugin) gets a Config with its options
+    if sections not in _CONFIG_CLASSES:
+        specs, owner = [], {}
+        for cls in sections:
+            hints = typing.get_type_hints(cls)
+            for f in dataclasses.fields(cls):
+                if f.name in owner:
+                    raise TypeError(f"{cls.__name__}.{f.name}: the key is already {owner[f.name]}'s (keys are one "
+                                    "namespace: YAML and --key value name them without their section)")
+                owner[f.name] = cls.__name__
+                specs.append((f.name, hints[f.name], field(default=f.default, default_factory=f.default_factory)))
+        config = dataclasses.make_dataclass(
+            "Config", specs, namespace={"__doc__": "Every setting of a run: the fields of every section (SECTIONS "
+                                                   "and the methods' options), flat."})
+        config.__module__ = __name__
+        _CONFIG_CLASSES[sections] = config
+    return _CONFIG_CLASSES[sections]
+
+
+def __getattr__(name: str):
+    if name == "Config":  # `from train.config import Config`
+        return config_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def section_of(key: str) -> type:
+    """The section dataclass that declares `key`."""
+    for cls in all_sections().values():
+        if key in keys_of(cls):
+            return cls
+    raise KeyError(key)
+
+
+def options_of(cfg, cls: type):
+    """One section of a configuration as its own typed dataclass (e.g. a method's options)."""
+    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
 # Keys whose value "auto" (numbers: 0) means "the method's default": the general default here, a method's own in
@@ -181,8 +278,9 @@ class ConfigError(UserError, ValueError):
 
 
 def field_types() -> dict[str, type]:
-    hints = typing.get_type_hints(Config)
-    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+    config = config_class()
+    hints = typing.get_type_hints(config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(config)}
 
 
 def convert(key: str, value, kind: type):
@@ -210,11 +308,38 @@ def similar_keys(key: str, known: list[str]) -> list[str]:
     return list(dict.fromkeys(same_head + difflib.get_close_matches(key, known, n=3)))[:3]
 
 
-def apply(cfg: Config, values: dict, origin: str) -> Config:
-    """Set known keys; unknown keys are an error naming the closest known one."""
-    types = field_types()
+def flat_values(values: dict, origin: str) -> dict:
+    """Keys as one flat dict: a section written as a mapping (`gmm: {gmm_split: class}`) or a dotted key
+    (`--gmm.gmm_split class`) is its keys, each checked to belong to that section; flat keys pass as they are."""
+    sections, out = all_sections(), {}
     for key, value in values.items():
         key = key.replace("-", "_")
+        head, dot, name = key.partition(".")
+        if not dot and not (isinstance(value, dict) and key in sections):
+            out[key] = value
+            continue
+        if head not in sections:
+            close = difflib.get_close_matches(head, list(sections), n=1)
+            raise ConfigError(f"{origin}: unknown section {head!r} (sections: {', '.join(sections)})"
+                              + (f"; did you mean {close[0]!r}?" if close else ""))
+        items = {name: value} if dot else value
+        for sub, sub_value in items.items():
+            sub = str(sub).replace("-", "_")
+            if sub not in keys_of(sections[head]):
+                known = list(keys_of(sections[head]))
+                close = similar_keys(sub, known)
+                raise ConfigError(f"{origin}: {head}.{sub}: no such key in section {head!r} (its keys: "
+                                  f"{', '.join(known)})" + (f"; did you mean {' or '.join(map(repr, close))}?"
+                                                           if close else ""))
+            out[sub] = sub_value
+    return out
+
+
+def apply(cfg, values: dict, origin: str):
+    """Set known keys (flat, or by section: `flat_values`); unknown keys are an error naming the closest
+    known one."""
+    types = field_types()
+    for key, value in flat_values(values, origin).items():
         if key in METADATA:
             continue
         if key not in types:
@@ -230,27 +355,34 @@ class HelpRequested(Exception):
 
 
 def field_docs() -> list[tuple[str, list[tuple[str, str]]]]:
-    """[(section, [(key, comment)])] read from the comments of the Config class in this file, in order."""
+    """[(section title, [(key, comment)])] read from each section's dataclass source (its docstring's first
+    line; a method's options also name the methods that read them), in `all_sections` order."""
     import inspect
 
-    sections, key = [], None
-    for line in inspect.getsource(Config).splitlines():
-        stripped = line.strip()
-        if stripped.startswith("#"):
-            text = stripped[1:]
-            if text.startswith("  ") and key is not None:  # continuation of the field above
-                name, doc = sections[-1][1][-1]
-                sections[-1][1][-1] = (name, f"{doc} {text.strip()}")
+    owners: dict = {}
+    for name, method in method_classes().items():
+        for cls in method.options:
+            owners.setdefault(cls, []).append(name)
+    out = []
+    for cls in all_sections().values():
+        title = (cls.__doc__ or cls.__name__).strip().split(". ")[0].rstrip(".")
+        if cls in owners:
+            title += f", --method {', '.join(owners[cls])}"
+        keys, key = [], None
+        for line in inspect.getsource(cls).splitlines()[1:]:
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                if stripped[1:].startswith("  ") and key is not None:  # continuation of the field above
+                    keys[-1] = (key, f"{keys[-1][1]} {stripped[1:].strip()}")
+                else:
+                    key = None
+            elif stripped.split(":", 1)[0] in keys_of(cls):
+                key = stripped.split(":", 1)[0]
+                keys.append((key, stripped.split("#", 1)[1].strip() if "#" in stripped else ""))
             else:
-                sections.append((text.strip(), []))
                 key = None
-        elif ":" in stripped and "=" in stripped and not stripped.startswith(("\"", "'")):
-            key = stripped.split(":", 1)[0].strip()
-            comment = stripped.split("#", 1)[1].strip() if "#" in stripped else ""
-            if not sections:
-                sections.append(("settings", []))
-            sections[-1][1].append((key, comment))
-    return sections
+        out.append((f"{title} [{cls.section}]", keys))
+    return out
 
 
 def help_text() -> str:
@@ -258,7 +390,7 @@ def help_text() -> str:
     type, default and documentation."""
     import textwrap
 
-    types, defaults = field_types(), dataclasses.asdict(Config())
+    types, defaults = field_types(), dataclasses.asdict(config_class()())
     shipped = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
     lines = [
         "usage: accelerate launch train/main.py [--config FILE[,FILE...]] [--key value ...]",
@@ -267,7 +399,8 @@ def help_text() -> str:
         "Train an image classifier on noisily labelled data with MixNN, SelectMix, DivideMix or a baseline.",
         "With no arguments: MixNN on the built-in digits set with 40% symmetric label noise.",
         "Settings: the defaults below <- each --config file in order (later files override earlier ones) <-",
-        "--key value (or --key=value). Lists: comma-separated. Booleans: true/false.",
+        "--key value (or --key=value). Lists: comma-separated. Booleans: true/false. A key may also be written",
+        "with its [section]: --gmm.gmm_split class, or in YAML `gmm: {gmm_split: class}`.",
         "",
         f"config files shipped in {CONFIG_DIR}:",
         *textwrap.wrap(", ".join(shipped), 100, initial_indent="  ", subsequent_indent="  "),
@@ -337,21 +470,25 @@ def read_yaml(path: Path, seen: tuple = ()) -> dict:
     return {**read_yaml(base_path, (*seen, path.resolve())), **values}
 
 
-def load_config(argv: list[str]) -> Config:
+def load_config(argv: list[str]):
     """Defaults <- `--config FILE[,FILE...]` in order (or the resumed run's config.yaml) <- `--key value`.
 
     Several files layer, e.g. `--config launch/configs/fashion_mnist.yaml,launch/configs/mixnn_paper.yaml`:
     the data set's settings, then the paper's method settings over them."""
-    overrides = parse_overrides(argv)
-    cfg = Config()
+    overrides, given = parse_overrides(argv), set()
+    cfg = config_class()()
     if "resume" in overrides:
         apply(cfg, resumed_settings(Path(overrides["resume"])), "resumed run")
     for config_file in filter(None, overrides.pop("config", "").split(",")):
-        apply(cfg, read_yaml(Path(config_file)), config_file)
-    return check(apply(cfg, overrides, "command line"))
+        values = read_yaml(Path(config_file))
+        given |= set(flat_values(values, config_file))
+        apply(cfg, values, config_file)
+    given |= set(flat_values(overrides, "command line"))
+    return check(apply(cfg, overrides, "command line"), given)
 
 
-# (test, what it must be) per numeric key: checked before any work is done
+# (test, what it must be) per numeric key of the general sections, and the allowed values of their string keys:
+# checked before any work is done (a method's options declare theirs as the class's `ranges` / `choices`)
 RANGES = {
     "epochs": (lambda v: v >= 1, ">= 1"), "batch_size": (lambda v: v >= 1, ">= 1"),
     "num_batches": (lambda v: v >= 0, ">= 0 (0: full passes)"), "lr": (lambda v: v > 0, "> 0"),
@@ -369,24 +506,18 @@ RANGES = {
     "knn_dim": (lambda v: v >= 0, ">= 0 (0: search the full embeddings)"), "hnsw_m": (lambda v: v >= 2, ">= 2"),
     "hnsw_ef": (lambda v: v >= 1, ">= 1"), "ivf_nprobe": (lambda v: v >= 1, ">= 1"),
     "clustered_nprobe": (lambda v: v >= 1, ">= 1"), "recall_queries": (lambda v: v >= 1, ">= 1"),
-    "cv_folds": (lambda v: v >= 2, ">= 2"), "cv_epochs": (lambda v: v >= 1, ">= 1"),
-    "selectmix_threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "selectmix_confident": (lambda v: 0 <= v <= 1, "in [0, 1]"), "p_threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "temperature": (lambda v: v > 0, "> 0"), "sharpen": (lambda v: v > 0, "> 0"),
-    "lambda_u": (lambda v: v >= 0, ">= 0"), "rampup_epochs": (lambda v: v >= 1, ">= 1"),
+    "sharpen": (lambda v: v > 0, "> 0"), "cv_folds": (lambda v: v >= 2, ">= 2"), "cv_epochs": (lambda v: v >= 1, ">= 1"),
     "targets_topk": (lambda v: v >= 0, ">= 0 (0: dense targets)"), "image_size": (lambda v: v >= 0, ">= 0 (0: preset)"),
     "cache_max_mb": (lambda v: v >= 0, ">= 0"), "drop_rate": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1) (0: no val split)"),
 }
 CHOICES = {
-    "weights": ("clean", "avg", "random", "beta"), "partners": ("knn", "random"),
-    "neighbour_pool": ("all", "clean", "class"), "mix_start": ("auto", "warmup", "correction", "after_correction"),
+    "neighbour_pool": ("all", "clean", "class"),
     "target_source": ("prediction", "refined"), "guess": ("none", "online"), "gmm_loss": ("auto", "given", "corrected"),
     "gmm_split": ("auto", "global", "class"), "gmm_scale": ("auto", "linear", "log"),
-    "selectmix_rule": ("mismatch", "cleanlab", "precursor"), "lr_schedule": ("cosine_restarts", "step"),
+    "lr_schedule": ("cosine_restarts", "step"),
     "cache_images": ("auto", "true", "false"), "metric": ("l2", "cosine"), "knn_scope": ("auto", "global", "batch"),
-    "batch_knn_mode": ("auto", "eval", "train"), "target_update": ("auto", "refresh", "step"),
-    "gmm_window_scale": ("auto", "raw", "normalised"), "early_loss": ("auto", "ce", "prob"), "warmup_data": ("auto", "augmented", "plain"),
+    "gmm_window_scale": ("auto", "raw", "normalised"), "warmup_data": ("auto", "augmented", "plain"),
     "knn_index": ("exact", "hnsw", "ivf", "clustered"), "embed_transfer": ("float32", "float16"),
     "mixed_precision": ("auto", "bf16", "no"),
 }
@@ -400,7 +531,7 @@ def method_classes() -> dict:
     return METHODS
 
 
-def check_values(cfg: Config) -> None:
+def check_values(cfg) -> None:
     """Every key against its choices and range (before any work: a typo never costs a warm-up)."""
     methods = list(method_classes())
     if cfg.method not in methods:
@@ -410,12 +541,16 @@ def check_values(cfg: Config) -> None:
     if cfg.mixed_precision == "fp16":
         raise ConfigError("--mixed_precision fp16 is not supported (it needs loss scaling); use bf16 (CUDA "
                           "autocast, or CPU autocast) or no")
-    for key, allowed in CHOICES.items():
+    choices, ranges = dict(CHOICES), dict(RANGES)
+    for cls in method_sections():  # a method's options declare their own choices and ranges
+        choices.update(getattr(cls, "choices", {}))
+        ranges.update(getattr(cls, "ranges", {}))
+    for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             close = difflib.get_close_matches(str(getattr(cfg, key)), allowed, n=1)
             raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}"
                               + (f" (did you mean {close[0]!r}?)" if close else ""))
-    for key, (ok, what) in RANGES.items():
+    for key, (ok, what) in ranges.items():
         value = getattr(cfg, key)
         if value != value or not ok(value):  # NaN fails every range
             raise ConfigError(f"--{key} must be {what}, got {value!r}")
@@ -435,30 +570,41 @@ def check_values(cfg: Config) -> None:
     check_model_name(cfg.model)
 
 
-def check(cfg: Config) -> Config:
-    """Values outside their choices and ranges, and settings that are wrong together; `auto` GMM settings and
-    the AUTO_DEFAULTS keys left at auto / 0 resolved for the method (what RUN/config.yaml then records)."""
-    check_values(cfg)
-    for key, default in AUTO_DEFAULTS.items():  # in order: knn_scope before the BATCH_ONLY keys
+def resolve_auto(cfg):
+    """The AUTO_DEFAULTS keys left at auto / 0 set to the method's values (in order: knn_scope before the
+    BATCH_ONLY keys)."""
+    for key, default in AUTO_DEFAULTS.items():
         setattr(cfg, key, type(default)(method_default(cfg, key)))
-    defaults, classes = Config(), method_classes()
-    for owner in classes.values():  # a key only another method reads
-        for key in owner.options if owner.name != cfg.method else ():
-            if getattr(cfg, key) != getattr(defaults, key):
-                raise ConfigError(f"--{key} is a {owner.title or owner.name} setting; it does nothing with --method {cfg.method}")
+    return cfg
+
+
+def check_ownership(cfg, given: set | None = None) -> None:
+    """A key of another method's options (train/methods/, a class's `options`) set to anything but what the
+    chosen method runs with anyway is an error: it would do nothing. `given`: the keys a config file or the
+    command line set (None: every key; a resumed run's record holds every key, as it ran)."""
+    classes = method_classes()
+    mine = {key for cls in classes[cfg.method].options for key in keys_of(cls)}
+    baseline = resolve_auto(config_class()(method=cfg.method))
+    for cls in method_sections():
+        for key in keys_of(cls):
+            if key not in mine and (given is None or key in given) and getattr(cfg, key) != getattr(baseline, key):
+                owners = [m.title or m.name for m in classes.values() if cls in m.options]
+                raise ConfigError(f"--{key} is a {' / '.join(owners)} setting; it does nothing with --method "
+                                  f"{cfg.method}")
+
+
+def check(cfg, given: set | None = None):
+    """Values outside their choices and ranges, and settings that are wrong together (here, and the method's
+    own `check_config`); the AUTO_DEFAULTS keys left at auto / 0 resolved for the method (what RUN/config.yaml
+    then records)."""
+    check_values(cfg)
+    resolve_auto(cfg)
+    check_ownership(cfg, given)
+    classes = method_classes()
     guessing = [name for name, cls in classes.items() if cls.guesses]
     if cfg.guess != "none" and cfg.method not in guessing:
         raise ConfigError(f"--guess {cfg.guess} works with --method {', '.join(guessing)}, not {cfg.method}")
-    if cfg.early_loss != "ce" and cfg.method != "mixnn":
-        raise ConfigError(f"--early_loss works with --method mixnn, not {cfg.method}")
-    if cfg.target_update == "step" and (cfg.method != "mixnn" or cfg.knn_scope != "batch" or cfg.guess != "none"
-                                        or cfg.sharpen != 1.0 or cfg.target_source != "prediction"):
-        raise ConfigError("--target_update step works with --method mixnn --knn_scope batch (the step's un-mixed "
-                          "forward gives p), target_source prediction, sharpen 1 and guess none")
-    if cfg.batch_knn_mode != "eval" and (cfg.method != "mixnn" or cfg.knn_scope != "batch"):
-        raise ConfigError("--batch_knn_mode works with --method mixnn --knn_scope batch")
-    if cfg.select_mixup and cfg.method != "select-correct":
-        raise ConfigError(f"--select_mixup works with --method select-correct, not {cfg.method}")
+    classes[cfg.method].check_config(cfg)
     if cfg.pretrained == "required":
         raise ConfigError(f"{cfg.model} for {cfg.dataset} starts from ImageNet weights, as the paper does: pass "
                           "--pretrained PATH (a local .pth or .safetensors file; nothing is downloaded), or "
@@ -469,7 +615,7 @@ def check(cfg: Config) -> Config:
     return cfg
 
 
-def method_default(cfg: Config, key: str):
+def method_default(cfg, key: str):
     """An AUTO_DEFAULTS key's value, resolved for the method (its class's `defaults`) when left at auto / 0 (also
     for a Config built in code that never went through `check`)."""
     value = getattr(cfg, key)
@@ -482,7 +628,7 @@ def method_default(cfg: Config, key: str):
     return cls.defaults.get(key, default) if cls is not None else default
 
 
-def gmm_setting(cfg: Config) -> tuple[str, str]:
+def gmm_setting(cfg) -> tuple[str, str]:
     """(gmm_split, gmm_scale) with `auto` resolved for the method (`method_default`)."""
     return method_default(cfg, "gmm_split"), method_default(cfg, "gmm_scale")
 
@@ -500,7 +646,7 @@ def saved_settings(values: dict) -> dict:
     return values
 
 
-def config_record(cfg: Config) -> dict:
+def config_record(cfg) -> dict:
     """What RUN/config.yaml and a checkpoint record of the settings: every key and the record's version."""
     return {"config_version": CONFIG_VERSION, **dataclasses.asdict(cfg)}
 
@@ -526,13 +672,14 @@ def resumed_settings(run_dir: Path) -> dict:
     return saved_settings(values)
 
 
-def config_of_checkpoint(state: dict) -> Config:
+def config_of_checkpoint(state: dict):
     """The run's configuration as saved in a checkpoint (keys this version no longer knows are dropped, keys it
     did not know yet take their first default)."""
-    return Config(**{k: v for k, v in saved_settings(state["config"]).items() if k in Config.__dataclass_fields__})
+    config = config_class()
+    return config(**{k: v for k, v in saved_settings(state["config"]).items() if k in config.__dataclass_fields__})
 
 
-def save_config(cfg: Config, path: Path) -> None:
+def save_config(cfg, path: Path) -> None:
     """Write the resolved configuration (`config.yaml` in the run folder, atomically) so the run can be
     repeated."""
     from data.atomic import atomic_write_text

@@ -2,6 +2,8 @@
 folds, predicts its held-out fold -> out-of-sample probabilities for every sample id."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import dataclasses
 from pathlib import Path
 
@@ -12,7 +14,6 @@ from accelerate.logging import get_logger
 from index.comm import gather_by_id
 
 from .checkpoint import DamagedCheckpoint, load_checkpoint, restore_rng, rng_states, save_verified
-from .config import Config
 from .dataset import Data
 from .epoch import run_epoch
 from .methods import CrossEntropy, EpochContext, Tables
@@ -22,6 +23,9 @@ from .optim import create_optimizer
 from .seeds import fold_seed
 from .tables import refresh_train
 from .targets import SoftTargets
+
+if TYPE_CHECKING:  # Config is built on first use (train.config.config_class)
+    from .config import Config
 
 logger = get_logger(__name__)
 

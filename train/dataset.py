@@ -1,6 +1,8 @@
 """The prepared data set of a run: shards folder, manifest, training views and eval splits."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +13,10 @@ from data.reader import ShardDataset
 from data.shards import ShardError, read_manifest, verify_split
 from data.transforms import EvalTransform, TrainTransform, get_preset
 
-from .config import Config, UserError
+from .config import UserError
+
+if TYPE_CHECKING:  # Config is built on first use (train.config.config_class)
+    from .config import Config
 
 logger = get_logger(__name__)
 

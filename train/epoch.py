@@ -2,6 +2,8 @@
 the epoch's metrics; then evaluation and model selection."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import resource
 import time
 
@@ -10,12 +12,14 @@ import numpy as np
 from data.reader import id_loader
 from index.comm import all_gather_rows
 
-from .config import Config
 from .dataset import Data
 from .loop import eval_batch_size, evaluate, train_one_epoch
 from .methods import EpochContext, Method
 from .results import EpochResult
 from .tables import table_metrics
+
+if TYPE_CHECKING:  # Config is built on first use (train.config.config_class)
+    from .config import Config
 
 
 def pass_totals(stats: dict) -> dict:
@@ -34,24 +38,25 @@ def run_epoch(ctx: EpochContext, method: Method, optimizer, stop=None, subset=No
     started = time.perf_counter()
     cfg = ctx.cfg
     ctx.plan = ctx.plan_of(subset)
-    result = EpochResult({"epoch": ctx.epoch, "lr": optimizer.param_groups[0]["lr"],
-                          "time_plan": time.perf_counter() - started})
+    result = EpochResult({"epoch": ctx.epoch}).add({"lr": optimizer.param_groups[0]["lr"]}, "train")
+    result.add({"time_plan": time.perf_counter() - started}, "time")
     result.merge(method.refresh(ctx))
     steps = method.steps(ctx)
-    result.add(steps.scalars)
+    result.merge(steps.result)
     loader = id_loader(steps.dataset, steps.batches[ctx.start_step:], cfg.workers, ctx.seed,
                        first_step=ctx.start_step)
     stats = train_one_epoch(ctx, optimizer, steps.step_loss, loader, stop=stop)
     if steps.finish is not None:  # e.g. soft targets moved in the steps (also when preempted mid-epoch)
-        result.add(steps.finish())
+        result.add(steps.finish(), "labels")
     result.stopped_at = stats.pop("stopped_at")
     result.unreadable_ids = np.unique(np.concatenate(all_gather_rows(stats.pop("unreadable_ids"))))
-    result.add(pass_totals(stats))
+    totals = pass_totals(stats)
+    result.add(totals, "train").groups.update({k: "time" for k in totals if k.endswith("_seconds")})  # its durations
     t0 = time.perf_counter()
-    result.add(table_metrics(ctx.data.train, ctx.tables, ctx.plan.unique_ids))  # the whole epoch's ids
-    result.add(steps.method.epoch_metrics(ctx.data.train.true_labels))
+    result.merge(table_metrics(ctx.data.train, ctx.tables, ctx.plan.unique_ids))  # the whole epoch's ids
+    result.add(steps.method.epoch_metrics(ctx.data.train.true_labels), steps.method.name)
     result.add({"time_metrics": time.perf_counter() - t0,
-                "epoch_seconds": time.perf_counter() - started})  # everything but evaluation and checkpoint
+                "epoch_seconds": time.perf_counter() - started}, "time")  # everything but evaluation and checkpoint
     return result
 
 

@@ -6,6 +6,8 @@ ids, lets the method refresh the per-sample tables and lay out its training pass
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import dataclasses
 import logging
 import os
@@ -25,7 +27,7 @@ from accelerate.logging import get_logger
 from data.atomic import WriteFailed
 
 from .checkpoint import checkpoint_state, load_resume_checkpoint, method_entry, restore, save_checkpoint
-from .config import Config, HelpRequested, UserError, help_text, load_config, save_config
+from .config import HelpRequested, UserError, help_text, load_config, save_config
 from .crossval import StageStopped, out_of_sample_probabilities
 from .dataset import Data, load_data
 from .epoch import evaluate_splits, run_epoch, update_best
@@ -38,6 +40,9 @@ from .report import write_report
 from .runfolder import claim_run_dir, finished_summary
 from .runlog import RunLog, final_summary, format_epoch
 from .targets import SoftTargets
+
+if TYPE_CHECKING:  # Config is built on first use (train.config.config_class)
+    from .config import Config
 
 logger = get_logger(__name__)
 
@@ -139,8 +144,8 @@ def start_run(cfg: Config) -> Run:
               Tables(SoftTargets(data.train.labels, num_classes, cfg.targets_topk)), lock=lock)
     if found is not None:
         path, state = found
+        state, run.method_state = method_entry(state, method_class(cfg.method).legacy_keys)
         run.start, run.step, run.best = restore(state, model, optimizer, scheduler, run.tables, accelerator)
-        run.method_state = method_entry(state, method_class(cfg.method).legacy_keys)
         run.partial = dict(state.get("partial_metrics") or {})
         run.last_row = dict(state.get("summary_row") or {})
         logger.info("resumed %s from %s at epoch %d step %d", run_dir, path.name, run.start, run.step)
@@ -184,7 +189,7 @@ def train(cfg: Config) -> dict:
             result.scalars = {**run.partial, **result.scalars}
         if result.stopped_at is not None:
             return preempted(run, epoch, result, stop)
-        result.add(evaluate_splits(cfg, epoch, run.model, run.data, accelerator))
+        result.add(evaluate_splits(cfg, epoch, run.model, run.data, accelerator), "eval")
         if not all(bool(torch.isfinite(p).all()) for p in run.model.parameters()):
             raise diverged(run, epoch, None)
         run.scheduler.step()
@@ -194,7 +199,7 @@ def train(cfg: Config) -> dict:
         state["summary_row"] = scalars(result.scalars)
         if accelerator.is_main_process:
             save_checkpoint(run.run_dir, state, epoch, keep=cfg.keep_checkpoints, is_best=is_best)
-        result.add({"time_checkpoint": time.perf_counter() - t0})  # main process: gathering RNG states, writing
+        result.add({"time_checkpoint": time.perf_counter() - t0}, "time")  # main process: gathering RNG states, writing
         log.write(result, tables, run.data.train)
         metrics = result.scalars
         logger.info(format_epoch(metrics), main_process_only=True)

@@ -1,9 +1,13 @@
 """Optimiser and learning-rate schedule."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from .config import Config
+if TYPE_CHECKING:  # Config is built on first use (train.config.config_class)
+    from .config import Config
+
 
 
 def create_optimizer(cfg: Config, model):

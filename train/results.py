@@ -10,8 +10,8 @@ import numpy as np
 class EpochResult:
     """What an epoch (or a part of it) produced: scalars for summary.csv and TensorBoard, figures for
     TensorBoard, this rank's unreadable training ids, and where a preempted pass stopped (None: it ran to
-    its end). A scalar's TensorBoard group is declared by whoever adds it (`add(..., group=)`); the others
-    are grouped by name (train.runlog.tag)."""
+    its end). Every scalar's TensorBoard group is declared by whoever adds it (`add(values, group)`: eval,
+    train, time, noise, gmm, labels, neighbours, memorisation, or a method's own name)."""
 
     scalars: dict = field(default_factory=dict)
     figures: dict = field(default_factory=dict)  # TensorBoard tag -> function of the epoch returning a figure
@@ -19,13 +19,15 @@ class EpochResult:
     unreadable_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     stopped_at: int | None = None
 
-    def add(self, values: dict, group: str | None = None, figures: dict | None = None) -> "EpochResult":
+    def add(self, values: dict, group: str, figures: dict | None = None) -> "EpochResult":
+        """`values` (name -> scalar) under TensorBoard group `group`; `figures` beside them."""
         self.scalars.update(values)
-        if group is not None:
-            self.groups.update(dict.fromkeys(values, group))
+        self.groups.update(dict.fromkeys(values, group))
         self.figures.update(figures or {})
         return self
 
     def merge(self, other: "EpochResult") -> "EpochResult":
+        self.scalars.update(other.scalars)
         self.groups.update(other.groups)
-        return self.add(other.scalars, figures=other.figures)
+        self.figures.update(other.figures)
+        return self

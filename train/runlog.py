@@ -1,6 +1,8 @@
 """The run log: summary.csv (one row per epoch), TensorBoard through Accelerate's tracker, the final summary."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import csv
 import dataclasses
 import io
@@ -13,29 +15,17 @@ from accelerate.tracking import TensorBoardTracker
 from data.atomic import atomic_write_text
 from data.reader import ShardDataset
 
-from .config import Config
 from .results import EpochResult
 from .targets import Tables
 
-
-TAG_GROUPS = (  # TensorBoard groups scalars by the part of the tag before the first '/'
-    ("eval", ("_top1", "_top5", "_skipped")), ("time", ("time_", "_seconds")),
-    ("noise", ("noise_", "clean_fraction", "uncertain_", "confident_fraction", "removed_")),
-    ("gmm", ("gmm_",)), ("labels", ("label_correction",)), ("neighbours", ("nn_", "neighbour_", "knn_")),
-    ("memorisation", ("train_acc_given_",)),
-    ("train", ("train_", "lr", "images_per_second", "skipped_train", "unreadable_", "peak_rss", "tables_checked")),
-)
+if TYPE_CHECKING:  # Config is built on first use (train.config.config_class)
+    from .config import Config
 
 
-def tag(key: str, groups: dict | None = None) -> str:
-    """`group/key` for TensorBoard: the group its producer declared (`groups`), else by name: eval/, time/,
-    noise/, gmm/, labels/, neighbours/, memorisation/, train/."""
-    if groups and key in groups:
-        return f"{groups[key]}/{key}"
-    for group, marks in TAG_GROUPS:
-        if any(key.startswith(m) or key.endswith(m) for m in marks):
-            return f"{group}/{key}"
-    return f"other/{key}"
+def tag(key: str, groups: dict) -> str:
+    """`group/key` for TensorBoard (which groups a tag by the part before its first '/'): the group the scalar's
+    producer declared (train.results.EpochResult.add)."""
+    return f"{groups.get(key, 'other')}/{key}"
 
 
 class RunLog:
@@ -60,7 +50,7 @@ class RunLog:
         new = [int(i) for i in result.unreadable_ids if int(i) not in self.unreadable]
         for i in new:
             self.unreadable[i] = (str(train.sources[i]), train.read_error(i))
-        metrics["unreadable_train_samples"] = len(self.unreadable)
+        result.add({"unreadable_train_samples": len(self.unreadable)}, "train")
         self.accelerator.log({tag(k, result.groups): v for k, v in metrics.items()
                               if isinstance(v, (int, float)) and k != "epoch"}, step=metrics["epoch"])
         if not self.accelerator.is_main_process:

@@ -2,6 +2,8 @@
 neighbour table; identical on every rank (checked by CRC)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import functools
 import time
 import zlib
@@ -14,7 +16,7 @@ from index.comm import all_gather_rows, broadcast_array, gather_by_id
 from index.gmm import CleanFit, clean_probability, clean_probability_by_class, normalise_losses
 from index.knn import knn_sharded, knn_with_recall, search_space
 
-from .config import Config, gmm_setting, method_default
+from .config import gmm_setting, method_default
 from .dataset import Data
 from .figures import gmm_figure
 from .loop import RefreshStats, batched, eval_batch_size, refresh
@@ -22,6 +24,9 @@ from .metrics import label_correction_accuracy, neighbour_agreement, noise_detec
 from .results import EpochResult
 from .seeds import gmm_seed
 from .targets import Tables, clean_weights, sharpen_rows
+
+if TYPE_CHECKING:  # Config is built on first use (train.config.config_class)
+    from .config import Config
 
 
 def per_sample_loss(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -167,19 +172,19 @@ def refresh_tables(ctx) -> EpochResult:
     else:
         tables.partners, recall = None, None  # in-batch neighbours are found at each step
     t4 = time.perf_counter()
-    out = {"time_refresh": t1 - t0, "time_gather": t_gathered - t1, "time_gmm": t2 - t_gathered,
-           "time_targets": t3 - t2, "time_knn": t4 - t3,
-           "clean_fraction": float((clean[plan.unique_ids] > 0.5).mean()),
-           "neighbour_agreement": (neighbour_agreement(tables.partners, data.train.labels, plan.unique_ids)
-                                   if tables.partners is not None else None)}
+    result = EpochResult().add({"time_refresh": t1 - t0, "time_gather": t_gathered - t1, "time_gmm": t2 - t_gathered,
+                                "time_targets": t3 - t2, "time_knn": t4 - t3}, "time")
+    result.add({"clean_fraction": float((clean[plan.unique_ids] > 0.5).mean())}, "noise")
+    neighbours = {"neighbour_agreement": (neighbour_agreement(tables.partners, data.train.labels, plan.unique_ids)
+                                          if tables.partners is not None else None)}
     if recall is not None:
-        out[f"knn_recall_at_{cfg.k}"] = recall
-    out.update(memorisation(stats, data.train))
+        neighbours[f"knn_recall_at_{cfg.k}"] = recall
+    result.add(neighbours, "neighbours").add(memorisation(stats, data.train), "memorisation")
     if tables.partners is not None:
-        out.update(neighbour_diagnostics(tables.partners, data.train.labels, data.train.true_labels, plan.unique_ids))
-        out.update(anchor_weight_diagnostics(tables.partners, clean, data.train.labels, data.train.true_labels,
-                                             plan.unique_ids))
-    return EpochResult(out).merge(gmm_diagnostics(fit, losses, data.train))
+        result.add({**neighbour_diagnostics(tables.partners, data.train.labels, data.train.true_labels, plan.unique_ids),
+                    **anchor_weight_diagnostics(tables.partners, clean, data.train.labels, data.train.true_labels,
+                                                plan.unique_ids)}, "neighbours")
+    return result.merge(gmm_diagnostics(fit, losses, data.train))
 
 
 def fit_losses(cfg: Config, losses: np.ndarray, history: np.ndarray | None, seed: int, is_main: bool,
@@ -211,7 +216,7 @@ def gmm_diagnostics(fit: CleanFit | None, losses: np.ndarray, train: ShardDatase
     known = (train.true_labels[seen] >= 0).all()
     noisy = (train.labels != train.true_labels)[seen] if known else None
     return EpochResult().add({"gmm_mean_clean": fit.means[0], "gmm_mean_noisy": fit.means[1],
-                              "gmm_weight_clean": fit.weights[0]}, group="gmm",
+                              "gmm_weight_clean": fit.weights[0]}, "gmm",
                              figures={"gmm/loss_histogram": functools.partial(gmm_figure, fit, noisy)})
 
 
@@ -295,12 +300,12 @@ def check_tables_identical(tables: Tables, extra: tuple = ()) -> None:
         raise RuntimeError(f"per-sample tables differ between ranks (CRCs {everyone.tolist()})")
 
 
-def table_metrics(train: ShardDataset, tables: Tables, ids: np.ndarray) -> dict:
+def table_metrics(train: ShardDataset, tables: Tables, ids: np.ndarray) -> EpochResult:
     """Label-correction accuracy and noise detection, when true labels are known."""
-    out = {}
+    result = EpochResult()
     acc = label_correction_accuracy(tables.targets.corrected(), train.true_labels, np.arange(len(train)))
     if acc is not None:
-        out["label_correction_accuracy"] = acc
+        result.add({"label_correction_accuracy": acc}, "labels")
     if tables.clean is not None:
-        out.update(noise_detection(tables.clean, train.labels, train.true_labels, ids))
-    return out
+        result.add(noise_detection(tables.clean, train.labels, train.true_labels, ids), "noise")
+    return result

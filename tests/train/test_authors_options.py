@@ -128,8 +128,9 @@ def test_plain_warm_up_reads_every_sample_in_id_order_through_the_eval_transform
 
 
 def test_authors_options_are_checked():
-    with pytest.raises(ConfigError, match="--early_loss works with --method mixnn"):
+    with pytest.raises(ConfigError, match="--early_loss is a mixnn setting; it does nothing with --method ce"):
         load_config(["--method", "ce", "--early_loss", "prob"])
+    assert load_config(["--method", "ce", "--early_loss", "ce"]).early_loss == "ce"  # what ce runs anyway: harmless
     with pytest.raises(ConfigError, match="--batch_knn_mode works with --method mixnn --knn_scope batch"):
         load_config(["--knn_scope", "global", "--batch_knn_mode", "train"])
     with pytest.raises(ConfigError, match="--warmup_data must be one of auto, augmented, plain"):

@@ -69,7 +69,7 @@ def test_settings_wrong_together_are_rejected():
     with pytest.raises(ConfigError, match="--guess online works with --method mixnn"):
         load_config(["--method", "ce", "--guess", "online"])
     assert load_config(["--method", "select-correct", "--select_mixup", "true"]).select_mixup is True
-    with pytest.raises(ConfigError, match="--select_mixup works with --method select-correct, not mixnn"):
+    with pytest.raises(ConfigError, match="--select_mixup is a select-correct setting; it does nothing with --method mixnn"):
         load_config(["--method", "mixnn", "--select_mixup", "true"])
     assert load_config(["--gmm_split", "class", "--gmm_scale", "log"]).gmm_split == "class"
     with pytest.raises(ConfigError, match="--gmm_split must be one of auto, global, class"):
@@ -204,3 +204,41 @@ def test_every_shipped_config_resolves_to_its_recorded_values():
     for name, values in recorded.items():
         resolved = dataclasses.asdict(load_config(["--config", str(CONFIG_DIR / name), "--pretrained", "none"]))
         assert resolved == values, name
+
+
+def test_keys_by_section_in_yaml_and_on_the_command_line(tmp_path):
+    """A key may be written flat, under its section in YAML, or dotted on the command line: the same value."""
+    (tmp_path / "s.yaml").write_text("method: dividemix\ngmm:\n  clean_threshold: 0.7\ndividemix:\n"
+                                     "  lambda_u: 3\noptimisation: {lr: 0.2}\nmodel: small_cnn\n")
+    cfg = load_config(["--config", str(tmp_path / "s.yaml"), "--dividemix.p_threshold", "0.6", "--run.seed", "4"])
+    assert (cfg.clean_threshold, cfg.lambda_u, cfg.lr, cfg.p_threshold, cfg.seed, cfg.model) == (
+        0.7, 3.0, 0.2, 0.6, 4, "small_cnn")
+    flat = load_config(["--method", "dividemix", "--clean_threshold", "0.7", "--lambda_u", "3", "--lr", "0.2",
+                        "--p_threshold", "0.6", "--seed", "4"])
+    assert dataclasses.asdict(cfg) == dataclasses.asdict(flat)
+    with pytest.raises(ConfigError, match=r"gmm.lambda_u: no such key in section 'gmm'"):
+        load_config(["--gmm.lambda_u", "3"])
+    with pytest.raises(ConfigError, match=r"unknown section 'optimization'.*did you mean 'optimisation'"):
+        load_config(["--optimization.lr", "0.1"])
+
+
+def test_method_options_are_declared_by_their_method():
+    """Config's fields are the general sections' plus each registered method's `options`; a key of one
+    method's options given to another is an error, the check derived from those declarations."""
+    from train.config import SECTIONS, all_sections, keys_of, section_of
+    from train.methods import METHODS
+    from train.methods.dividemix import DivideMixOptions
+
+    declared = [key for cls in all_sections().values() for key in keys_of(cls)]
+    assert declared == [f.name for f in dataclasses.fields(Config)] and len(set(declared)) == len(declared)
+    assert section_of("lambda_u") is DivideMixOptions and DivideMixOptions in METHODS["dividemix"].options
+    assert section_of("lr") in SECTIONS
+    for name, method in METHODS.items():
+        for cls in method.options:  # every method option is refused by every method that does not own it
+            key, value = keys_of(cls)[0], "x"
+            other = next(m for m in METHODS if cls not in METHODS[m].options)
+            kind = {f.name: f.type for f in dataclasses.fields(cls)}[key]
+            value = {"bool": "true", "float": "0.123", "int": "7"}.get(kind, cls.choices[key][-1]
+                                                                      if key in getattr(cls, "choices", {}) else value)
+            with pytest.raises(ConfigError, match=f"--{key} is a .*setting; it does nothing with --method {other}"):
+                load_config(["--method", other, f"--{key}", value])

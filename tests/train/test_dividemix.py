@@ -83,12 +83,14 @@ def test_checkpoints_before_the_method_entry_restore_its_state():
         process_index, num_processes = 0, 1
         unwrap_model = staticmethod(lambda m: m)
 
-    assert restore(old, model, optimizer, scheduler, tables, OneProcess())[0] == 3
+    shared, entry = method_entry(old, DivideMix.legacy_keys)  # as train/main.py resumes
+    assert "loss_history" not in shared and "clean_per_net" not in shared
+    assert restore(shared, model, optimizer, scheduler, tables, OneProcess())[0] == 3
     method = DivideMix()
-    method.load_state_dict(method_entry(old, DivideMix.legacy_keys))
+    method.load_state_dict(entry)
     assert np.array_equal(method.clean_per_net, per_net.numpy()) and np.array_equal(method.loss_history, history)
     assert tables.loss_history is None and np.allclose(tables.clean, per_net.mean(1).numpy())
-    assert method_entry({"method": method.state_dict()}, DivideMix.legacy_keys)["clean_per_net"].shape == (6, 2)
+    assert method_entry({"method": method.state_dict()}, DivideMix.legacy_keys)[1]["clean_per_net"].shape == (6, 2)
 
 
 def test_losses_and_ramp_follow_the_authors():

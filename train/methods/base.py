@@ -139,14 +139,15 @@ class EpochContext:
 class Steps:
     """An epoch's training pass as its method lays it out: this rank's id batches (every step of the epoch,
     anchors then partners), the per-step loss `(batch, step) -> (loss, images counted)`, the dataset they
-    are read from, scalars known before the pass, and `finish()` -> scalars once the pass is over."""
+    are read from, the method they train with (its `epoch_metrics`), what is known before the pass
+    (`result`), and `finish()` -> scalars of the soft targets once the pass is over."""
 
     batches: list[np.ndarray]
     step_loss: Callable
     dataset: object
-    scalars: dict = field(default_factory=dict)
+    method: "Method"
+    result: EpochResult = field(default_factory=EpochResult)
     finish: Callable[[], dict] | None = None
-    method: object = None  # the method the steps train with (its epoch_metrics)
 
 
 class Method:
@@ -159,13 +160,19 @@ class Method:
     cross_validation = False  # True: `from_config` gets the K-fold stage's out-of-sample probabilities
     find_unused_parameters = False  # True: DDP is told that a step leaves some parameters without gradient
     guesses = False  # True: `--guess online` applies (targets of noisy samples guessed online)
-    options: tuple = ()  # config keys only this method reads (another method given one: an error)
+    options: tuple = ()  # dataclasses of the config keys only this method reads (its file declares them; another
+    #                      method given one: an error; train.config adds their fields to Config)
     defaults: dict = {}  # this method's values of the keys left at `auto` (train.config.AUTO_DEFAULTS)
     legacy_keys: tuple = ()  # checkpoint keys of older versions that hold this method's own state
 
     @classmethod
     def from_config(cls, cfg, labels: np.ndarray, num_classes: int, oos: np.ndarray | None = None) -> "Method":
         return cls()
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Raise train.config.ConfigError for settings this method cannot run together (after `auto` is
+        resolved)."""
 
     @staticmethod
     def build_model(make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
@@ -181,26 +188,26 @@ class Method:
             result.merge(refresh_tables(ctx))
             t0 = time.perf_counter()
             check_tables_identical(ctx.tables)
-            result.add({"tables_checked_ranks": ctx.world, "time_check": time.perf_counter() - t0})
+            result.add({"tables_checked_ranks": ctx.world}, "train").add({"time_check": time.perf_counter() - t0}, "time")
         elif memorisation_due(cfg, ctx.epoch):
-            result.add(memorisation_pass(cfg, ctx.model, ctx.data, ctx.plan, ctx.accelerator))
+            result.add(memorisation_pass(cfg, ctx.model, ctx.data, ctx.plan, ctx.accelerator), "memorisation")
         return result
 
     def steps(self, ctx: EpochContext) -> Steps:
         """The epoch's pass: the ids the method keeps (`train_ids`), the method of the epoch (`for_epoch`),
         each anchor batch with its partners' ids (`partner_ids`), and `method_loss` of that method."""
-        cfg, plan, scalars = ctx.cfg, ctx.plan, {}
+        cfg, plan, result = ctx.cfg, ctx.plan, EpochResult()
         keep = self.train_ids(plan.unique_ids, ctx.tables) if not ctx.warm else None
         if keep is not None:  # the method trains on part of the epoch's ids (selection baselines)
-            scalars["train_fraction"] = len(keep) / max(len(plan.unique_ids), 1)
+            result.add({"train_fraction": len(keep) / max(len(plan.unique_ids), 1)}, "train")
             plan = ctx.plan_of(keep)
         method = self.for_epoch(cfg, ctx.epoch)
         plan, dataset = warmup_plan(ctx, plan)
         t0 = time.perf_counter()
         batches = partner_batches(ctx, plan, method)
-        scalars["time_partners"] = time.perf_counter() - t0
+        result.add({"time_partners": time.perf_counter() - t0}, "time")
         step_loss = method_loss(method, ctx.tables, ctx.seed, ctx.model, prior=cfg.prior_penalty and not ctx.warm)
-        return Steps(batches, step_loss, dataset, scalars, finish=method.finish(ctx.tables), method=method)
+        return Steps(batches, step_loss, dataset, method, result, finish=method.finish(ctx.tables))
 
     def finish(self, tables: Tables) -> Callable[[], dict] | None:
         """What runs once the epoch's pass is over (None: nothing)."""

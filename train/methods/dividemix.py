@@ -11,6 +11,8 @@ rank; every step's randomness is seeded per (seed, epoch, step), so a resumed ru
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -41,6 +43,20 @@ def negative_entropy(logits: torch.Tensor) -> torch.Tensor:
     return (p * torch.log(p.clamp_min(1e-12))).sum(1).mean()
 
 
+@dataclass
+class DivideMixOptions:
+    """DivideMix's options (Li et al. 2020). Defaults: the authors' Train_cifar.py; mixup's alpha is `mixup_alpha`."""
+
+    section: ClassVar[str] = "dividemix"
+    ranges: ClassVar[dict] = {"p_threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"), "temperature": (lambda v: v > 0, "> 0"),
+                              "lambda_u": (lambda v: v >= 0, ">= 0"), "rampup_epochs": (lambda v: v >= 1, ">= 1")}
+    p_threshold: float = 0.5  # co-divide: labelled when the other network's P(clean) is above this
+    temperature: float = 0.5  # sharpening T of the refined (labelled) and co-guessed (unlabelled) targets
+    lambda_u: float = 25.0  # weight of the unlabelled loss (0: labelled mixup only, as for Clothing1M/WebVision)
+    rampup_epochs: int = 16  # lambda_u ramps up linearly over this many epochs after warm-up
+    warmup_penalty: bool = False  # negative-entropy penalty in warm-up (asymmetric noise, Clothing1M)
+
+
 class CoModel(nn.Module):
     """Two networks as one module: `model(x)` is the sum of both networks' logits (the DivideMix authors'
     evaluation), `model(x, net=j)` network j's logits (the training forward, through DDP when wrapped).
@@ -64,7 +80,7 @@ class DivideMix(Method):
 
     name, title, uses_tables = "dividemix", "DivideMix", True
     find_unused_parameters = True  # a step trains one of the two networks
-    options = ("p_threshold", "temperature", "lambda_u", "rampup_epochs", "warmup_penalty")
+    options = (DivideMixOptions,)
     # the authors' Train_cifar.py: alpha 4, and the GMM on the last refresh's losses (they average 5 epochs
     # only at 90% noise)
     defaults = {"mixup_alpha": 4.0, "gmm_loss_window": 1}
@@ -94,7 +110,7 @@ class DivideMix(Method):
             return EpochResult()
         result = refresh_division(ctx, self)
         check_tables_identical(ctx.tables, extra=(self.clean_per_net,))
-        return result.add({"tables_checked_ranks": ctx.world})
+        return result.add({"tables_checked_ranks": ctx.world}, "train")
 
     def steps(self, ctx: EpochContext) -> Steps:
         """Network 1's steps then network 2's, one after the other (each with the other fixed)."""
@@ -110,7 +126,7 @@ class DivideMix(Method):
                                      with_unlabelled=len(unlabelled) > 0)
             phases.append((len(batches), loss))
             batches += steps
-        return Steps(batches, by_step(phases), ctx.data.train, method=self)
+        return Steps(batches, by_step(phases), ctx.data.train, self)
 
 
 # ----------------------------------------------------------------------------- refresh and co-divide
@@ -135,9 +151,9 @@ def refresh_division(ctx: EpochContext, state: DivideMix) -> EpochResult:
     state.clean_per_net, tables.clean = per_net, per_net.mean(1)
     ensemble = RefreshStats(stats[0].ids, (stats[0].probs + stats[1].probs) / 2, stats[0].embeddings)
     update_targets(tables, ensemble, refined_rows(ensemble.probs, ensemble.ids, data.train.labels, tables.clean), 0.0)
-    result = EpochResult({"time_refresh": t1 - t0, "time_gmm": time.perf_counter() - t1})
-    result.add(division_metrics(cfg, per_net, data, ctx.plan.unique_ids), group="dividemix")
-    result.add(memorisation(ensemble, data.train))
+    result = EpochResult().add({"time_refresh": t1 - t0, "time_gmm": time.perf_counter() - t1}, "time")
+    result.add(division_metrics(cfg, per_net, data, ctx.plan.unique_ids), "dividemix")
+    result.add(memorisation(ensemble, data.train), "memorisation")
     return result.merge(gmm_diagnostics(fits[0][3], fits[0][1], data.train))  # network 1's mixture
 
 

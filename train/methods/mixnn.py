@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -12,6 +14,30 @@ from ..tables import apply_step_updates, correction_due
 from .base import CrossEntropy, Tables, beta_draw, clean_weights, group_rows, guess_temperature, guessed_targets, \
     mix_groups, unwrap
 from .mixup import Mixup, mixup_draws
+
+
+@dataclass
+class MixNNOptions:
+    """MixNN's options."""
+
+    section: ClassVar[str] = "mixnn"
+    choices: ClassVar[dict] = {"weights": ("clean", "avg", "random", "beta"), "partners": ("knn", "random"),
+                               "mix_start": ("auto", "warmup", "correction", "after_correction"),
+                               "early_loss": ("auto", "ce", "prob"), "batch_knn_mode": ("auto", "eval", "train"),
+                               "target_update": ("auto", "refresh", "step")}
+    weights: str = "clean"  # clean (Eq. 10/11) | avg | random | beta (anchor lam ~ Beta, max(lam, 1 - lam))
+    partners: str = "knn"  # knn | random
+    mix_start: str = "auto"  # MixNN mixes with neighbours from: warmup (end of warm-up) | correction (E_s; plain
+    #                          mixup with random in-batch partners before it) | after_correction (E_s + 1: the epoch
+    #                          E_s itself is plain mixup under the soft-label loss, the authors' `epoch > es`; MixNN's)
+    early_loss: str = "auto"  # MixNN's loss between warm-up and E_s: ce (soft cross-entropy) | prob (-sum_c y_c p_c,
+    #                           a bounded loss: the MixNN authors' F.nll_loss on softmax probabilities; MixNN's)
+    batch_knn_mode: str = "auto"  # knn_scope batch: the un-mixed forward that finds the neighbours runs in eval mode
+    #                               | train (batch statistics, BatchNorm's running statistics updated: the authors'
+    #                               code, MixNN's default)
+    target_update: str = "auto"  # where Eq. 12 takes p from: refresh (eval mode, un-augmented, at the epoch's
+    #                              refresh) | step (the un-mixed train-mode forward of each training step, used by
+    #                              that step's loss: the authors' loss.py, MixNN's default; needs knn_scope batch)
 
 
 def beta_weights(n: int, groups: int, alpha: float, generator: torch.Generator) -> torch.Tensor:
@@ -31,12 +57,24 @@ class MixNN(CrossEntropy):
     """
 
     name, uses_tables, guesses = "mixnn", True, True
+    options = (MixNNOptions,)
     # the authors' train_cifar_with_MixNN.py (as launch/configs/mixnn_authors.yaml, whose comments cite the
     # lines), chosen on the noisy val split (docs/benchmarks.md); launch/configs/mixnn_global.yaml is the
     # paper's global neighbour search instead
     defaults = {"gmm_loss_window": 1, "knn_scope": "batch", "batch_knn_mode": "train", "target_update": "step",
                 "target_update_every": 10, "mix_start": "after_correction", "early_loss": "prob",
                 "warmup_data": "plain", "gmm_loss": "corrected", "gmm_window_scale": "normalised"}
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        from ..config import ConfigError  # the config module reads this class's options
+
+        if cfg.target_update == "step" and (cfg.knn_scope != "batch" or cfg.guess != "none" or cfg.sharpen != 1.0
+                                            or cfg.target_source != "prediction"):
+            raise ConfigError("--target_update step works with --method mixnn --knn_scope batch (the step's "
+                              "un-mixed forward gives p), target_source prediction, sharpen 1 and guess none")
+        if cfg.batch_knn_mode != "eval" and cfg.knn_scope != "batch":
+            raise ConfigError("--batch_knn_mode works with --method mixnn --knn_scope batch")
 
     @classmethod
     def from_config(cls, cfg, labels, num_classes, oos=None):

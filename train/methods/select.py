@@ -11,12 +11,24 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .base import CrossEntropy, Tables, group_rows, guess_temperature, guessed_targets
 from .mixup import mix_in_batch
+
+
+@dataclass
+class SelectCorrectOptions:
+    """Select-correct's options."""
+
+    section: ClassVar[str] = "select_correct"
+    select_mixup: bool = False  # select-correct: mix each batch in-batch (lambda ~ Beta(mixup_alpha)) after the
+    #                             split, clean rows on their given and noisy rows on their corrected targets
 
 
 class Select(CrossEntropy):
@@ -42,6 +54,7 @@ class SelectCorrect(CrossEntropy):
     then mixup inside the batch."""
 
     name, uses_tables, guesses = "select-correct", True, True
+    options = (SelectCorrectOptions,)
     # one mixture per class on log-losses, measured better for it on Fashion-MNIST (docs/benchmarks.md,
     # "Defaults and why")
     defaults = {"gmm_split": "class", "gmm_scale": "log"}
@@ -54,7 +67,7 @@ class SelectCorrect(CrossEntropy):
     @classmethod
     def from_config(cls, cfg, labels, num_classes, oos=None):
         return cls(labels, num_classes, cfg.clean_threshold, guess=guess_temperature(cfg),
-                   mixup_alpha=cfg.mixup_alpha if getattr(cfg, "select_mixup", False) else None)
+                   mixup_alpha=cfg.mixup_alpha if cfg.select_mixup else None)
 
     def inputs_targets(self, batch, tables: Tables, generator, model=None):
         images, ids, valid = group_rows(batch, 0)

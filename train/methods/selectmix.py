@@ -11,11 +11,14 @@ out-of-sample soft label alone; the others train un-mixed on their label.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
+from ..config import options_of
 from .base import CrossEntropy, Tables, group_rows, guess_temperature, guessed_targets
 from .select import label_issues
 
@@ -52,16 +55,33 @@ def split_uncertain(oos: np.ndarray, labels: np.ndarray, *, threshold: float, co
     return uncertain, (pred == labels) & (p_given >= confident) & ~uncertain
 
 
+@dataclass
+class SelectMixOptions:
+    """SelectMix's options."""
+
+    section: ClassVar[str] = "selectmix"
+    choices: ClassVar[dict] = {"selectmix_rule": ("mismatch", "cleanlab", "precursor")}
+    ranges: ClassVar[dict] = {"selectmix_threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+                              "selectmix_confident": (lambda v: 0 <= v <= 1, "in [0, 1]")}
+    selectmix_rule: str = "cleanlab"  # cleanlab (find_label_issues on the out-of-sample probabilities) | mismatch
+    #                                   (prediction differs or p(given) < selectmix_threshold) | precursor (the
+    #                                   first author's public experiments, see train/methods/selectmix.py)
+    selectmix_threshold: float = 0.5  # mismatch rule: uncertain when p(given label) is below this (or prediction differs)
+    selectmix_confident: float = 0.8  # confident partner: prediction = given label with p >= this
+
+
 class SelectMix(CrossEntropy):
     """Mix only the uncertain samples, each with a confident sample of its predicted class."""
 
     name, num_partners, cross_validation, guesses = "selectmix", 1, True, True
+    options = (SelectMixOptions,)
     guess = None  # temperature of the online targets of the uncertain samples (`--guess online`; None: off)
 
     @classmethod
     def from_config(cls, cfg, labels, num_classes, oos=None):
-        method = cls(oos, labels, threshold=cfg.selectmix_threshold, confident=cfg.selectmix_confident,
-                     alpha=cfg.mixup_alpha, rule=cfg.selectmix_rule)
+        opts = options_of(cfg, SelectMixOptions)
+        method = cls(oos, labels, threshold=opts.selectmix_threshold, confident=opts.selectmix_confident,
+                     alpha=cfg.mixup_alpha, rule=opts.selectmix_rule)
         method.guess = guess_temperature(cfg)
         return method
 
