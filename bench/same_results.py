@@ -32,6 +32,8 @@ TIMING = ("time_", "epoch_seconds", "train_seconds", "data_wait_seconds", "image
 
 
 CONTROL = ("stopped_at",)  # where a preempted pass stopped: a control value, not a metric (empty in a full run)
+# how the images were read (decodes, cache reads): the data path's work, which caches change, not a result
+CONTROL += ("images_decoded", "images_from_cache", "decodes_per_trained_image")
 
 
 def is_timing(column: str) -> bool:

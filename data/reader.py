@@ -49,11 +49,15 @@ class ShardDataset(torch.utils.data.Dataset):
         self._fds: dict[int, int] = {}
         self._pid = None
         self._pixels = None  # decoded-image cache (see cache_decoded)
+        self.epoch_cache = None  # node-shared cache of this epoch's decoded images (data.epoch_cache), when set
+        self.cache_step = None  # ... and the first step of the transforms, whose output it stores
+        self.reads = np.zeros(2, np.int64)  # this process's reads: [JPEG decodes, reads from a cache]
 
     def with_transform(self, transform) -> "ShardDataset":
         """The same split (tables and decoded-image cache shared, not copied) under another transform."""
         view = copy.copy(self)
-        view.transform, view._fds, view._pid = transform, {}, None
+        view.transform, view._fds, view._pid, view.reads = transform, {}, None, np.zeros(2, np.int64)
+        view.epoch_cache = self.epoch_cache  # (copy goes through __getstate__, which drops it for pickling)
         return view
 
     @property
@@ -109,10 +113,28 @@ class ShardDataset(torch.utils.data.Dataset):
             return None, f"{type(e).__name__}: {e}"
         return np.ascontiguousarray(array[None] if array.ndim == 2 else array.transpose(2, 0, 1)), ""
 
+    def use_epoch_cache(self, cache, step) -> None:
+        """Read through a node-shared epoch cache (`data.epoch_cache.EpochCache`) that stores `step(image)`
+        (uint8 CHW, the transforms' first step) for this split's ids; every view shares it."""
+        self.epoch_cache, self.cache_step = cache, step
+
     def decoded(self, sample_id: int):
-        """The decoded image: a uint8 CHW tensor from the cache, else a PIL image read from the shard."""
+        """The decoded image: a uint8 CHW tensor from a cache, else a PIL image read from the shard (or, with
+        an epoch cache, its `cache_step` output, stored for the epoch's next reads)."""
         if self._pixels is None:
-            return self.load_image(sample_id)
+            cache = self.epoch_cache
+            if cache is None:
+                self.reads[0] += 1
+                return self.load_image(sample_id)
+            image = cache.get(sample_id)
+            if image is not None:
+                self.reads[1] += 1
+                return image
+            image = self.cache_step(self.load_image(sample_id))
+            self.reads[0] += 1
+            cache.put(sample_id, image)
+            return image
+        self.reads[1] += 1
         shape = self._pixel_shapes[sample_id]
         if shape[0] == 0:
             raise OSError(self._cache_errors[sample_id])
@@ -125,6 +147,7 @@ class ShardDataset(torch.utils.data.Dataset):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_fds"], state["_pid"] = {}, None  # descriptors never cross a process boundary
+        state["epoch_cache"] = None  # nor does a mapping whose file is unlinked: a spawned worker decodes
         return state
 
     def _fd(self, shard: int) -> int:
@@ -173,12 +196,22 @@ class ShardDataset(torch.utils.data.Dataset):
         """One batch (DataLoader's batched fetch). A batch that carries a `seed` (`SeededIds`) draws its
         augmentation from a CPU generator seeded by it, leaving the global RNG as it was: the draws depend
         on (run seed, epoch, rank, step) only, the same with 0 or 8 workers and different on every rank."""
-        seed = getattr(sample_ids, "seed", None)
+        seed, before = getattr(sample_ids, "seed", None), self.reads.copy()
         if seed is None:
-            return [self[i] for i in sample_ids]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return [self[i] for i in sample_ids]
+            samples = Samples(self[i] for i in sample_ids)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                samples = Samples(self[i] for i in sample_ids)
+        samples.reads = self.reads - before
+        return samples
+
+
+class Samples(list):
+    """One batch's samples and how they were read (`reads`: [JPEG decodes, cache reads]); DataLoader workers
+    pass it to the collate function, which counts them in the batch."""
+
+    reads = np.zeros(2, np.int64)
 
 
 def collate_with_skips(samples: list) -> dict:
@@ -188,13 +221,19 @@ def collate_with_skips(samples: list) -> dict:
     skipped_ids = [s[2] for s, good in zip(samples, ok) if not good]
     if not any(ok):
         return {"images": None, "labels": None, "ids": None, "valid": torch.zeros(len(samples), dtype=torch.bool),
-                "skipped": len(samples), "skipped_ids": skipped_ids}
+                "skipped": len(samples), "skipped_ids": skipped_ids, **read_counts(samples)}
     template = torch.zeros_like(next(s[0] for s, good in zip(samples, ok) if good))
     images = torch.stack([s[0] if good else template for s, good in zip(samples, ok)])
     labels = torch.tensor([s[1] if good else -1 for s, good in zip(samples, ok)], dtype=torch.long)
     ids = torch.tensor([s[2] if good else -1 for s, good in zip(samples, ok)], dtype=torch.long)
     return {"images": images, "labels": labels, "ids": ids, "valid": torch.tensor(ok, dtype=torch.bool),
-            "skipped": len(skipped_ids), "skipped_ids": skipped_ids}
+            "skipped": len(skipped_ids), "skipped_ids": skipped_ids, **read_counts(samples)}
+
+
+def read_counts(samples: list) -> dict:
+    """A batch's image reads: `decoded` (JPEG decodes) and `from_cache` (in-memory or epoch cache)."""
+    decoded, from_cache = (int(v) for v in getattr(samples, "reads", (0, 0)))
+    return {"decoded": decoded, "from_cache": from_cache}
 
 
 class SeededIds(list):

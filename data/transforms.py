@@ -69,6 +69,24 @@ def normalise(image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tor
     return image.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
 
 
+def caches_resized(preset: Preset) -> bool:
+    """Whether the train and the eval transform both start by resizing to the preset's `resize` (so an image
+    stored after that step serves both exactly): `resize_random_crop` presets (Clothing1M, WebVision)."""
+    return preset.crop == "resize_random_crop"
+
+
+class ResizeStep:
+    """The transforms' first step for `caches_resized` presets: uint8 CHW tensor resized to `resize`
+    (unchanged when already at it, as both transforms then leave it)."""
+
+    def __init__(self, *, preset: Preset):
+        self.size = resize_size(preset)
+
+    def __call__(self, image) -> torch.Tensor:
+        image = as_uint8_tensor(image)
+        return F.resize(image, self.size, antialias=True)
+
+
 class TrainTransform:
     """Random crop (resized, or padded for small images) + optional flip + normalise.
 

@@ -27,6 +27,9 @@ class DataSettings:
     workers: int = 0  # DataLoader worker processes per rank
     cache_images: str = "auto"  # decode every image once into memory: auto (when it fits cache_max_mb) | true | false
     cache_max_mb: int = 1024  # per process; digits ~0.1 MB, CIFAR-10 train ~150 MB, Clothing1M far beyond
+    epoch_cache: str = "auto"  # auto: a training split too large for cache_images, under a preset that resizes
+    #                            first (clothing1m, webvision), is read through a node-shared cache of the epoch's
+    #                            resized images (cache_max_mb per process, /dev/shm), each decoded once | false
     verify_crc: bool = False  # at start, also CRC-32 every shard against dataset.json (reads the data set once;
     #                           sizes, counts, ids and labels are always checked)
 
@@ -516,7 +519,7 @@ CHOICES = {
     "target_source": ("prediction", "refined"), "guess": ("none", "online"), "gmm_loss": ("auto", "given", "corrected"),
     "gmm_split": ("auto", "global", "class"), "gmm_scale": ("auto", "linear", "log"),
     "lr_schedule": ("cosine_restarts", "step"),
-    "cache_images": ("auto", "true", "false"), "metric": ("l2", "cosine"), "knn_scope": ("auto", "global", "batch"),
+    "cache_images": ("auto", "true", "false"), "epoch_cache": ("auto", "false"), "metric": ("l2", "cosine"), "knn_scope": ("auto", "global", "batch"),
     "gmm_window_scale": ("auto", "raw", "normalised"), "warmup_data": ("auto", "augmented", "plain"),
     "knn_index": ("exact", "hnsw", "ivf", "clustered"), "embed_transfer": ("float32", "float16"),
     "mixed_precision": ("auto", "bf16", "no"),

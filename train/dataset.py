@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from accelerate.logging import get_logger
 
 from data.reader import ShardDataset
 from data.shards import ShardError, read_manifest, verify_split
-from data.transforms import EvalTransform, TrainTransform, get_preset
+from data.epoch_cache import HEADER, EpochCache, cache_path, file_bytes, fitting_slots, new_token, slot_bytes
+from data.transforms import EvalTransform, ResizeStep, TrainTransform, caches_resized, get_preset
 
 from .config import UserError
 
@@ -85,19 +87,50 @@ def load_data(cfg: Config, accelerator: Accelerator) -> Data:
     if cfg.batch_size % accelerator.num_processes:
         raise UserError(f"--batch_size {cfg.batch_size} (global) must be a multiple of the {accelerator.num_processes} "
                         "processes")
-    cache_images(cfg, [train, *evals.values()])
-    plain = train.with_transform(EvalTransform(preset=preset))  # shares the cache
+    left = cache_images(cfg, [train, *evals.values()])
+    if cfg.epoch_cache == "auto" and not train.cached and caches_resized(preset):
+        open_epoch_cache(train, preset, left, accelerator)
+    plain = train.with_transform(EvalTransform(preset=preset))  # shares the caches
     return Data(root, manifest, train, plain, evals, (1 if preset.mode == "L" else 3, preset.size, preset.size))
 
 
-def cache_images(cfg: Config, datasets: list[ShardDataset]) -> None:
-    """Decode small splits into memory once (`cache_images`), in order, within `cache_max_mb` per process."""
+def cache_images(cfg: Config, datasets: list[ShardDataset]) -> int:
+    """Decode small splits into memory once (`cache_images`), in order, within `cache_max_mb` per process;
+    returns the bytes of that budget left."""
+    budget = cfg.cache_max_mb << 20
     if cfg.cache_images == "false":
-        return
-    budget = (cfg.cache_max_mb << 20) if cfg.cache_images == "auto" else 1 << 62
+        return budget
+    if cfg.cache_images == "true":
+        budget = 1 << 62
     for ds in datasets:
         if ds.cache_decoded(budget):
             budget -= ds.cache_bytes
         else:
             logger.info("%s: not cached (decoded images would exceed cache_max_mb=%d)", ds.split_dir,
                         cfg.cache_max_mb)
+    return max(budget, 0) if cfg.cache_images == "auto" else cfg.cache_max_mb << 20
+
+
+def open_epoch_cache(train: ShardDataset, preset, budget: int, accelerator: Accelerator) -> None:
+    """The node-shared epoch cache of the training split (data.epoch_cache): `budget` bytes per process of the
+    node, created by the node's first process in /dev/shm (within its free space), opened by every process
+    before any DataLoader worker forks, then unlinked."""
+    from accelerate.utils import broadcast_object_list
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if accelerator.num_processes > 1 else 1
+    nbytes = slot_bytes(1 if preset.mode == "L" else 3, preset.resize, preset.square)
+    token = broadcast_object_list([new_token()])[0] if accelerator.num_processes > 1 else new_token()
+    path = cache_path(token)
+    if accelerator.is_local_main_process:
+        wanted = min(len(train), budget * local // (nbytes + HEADER * 8))
+        slots = fitting_slots(path.parent, wanted, nbytes)
+        EpochCache(path, slots, nbytes)
+        logger.info("epoch cache: %d of %d training images (%.0f MB in %s%s)", slots, len(train),
+                    file_bytes(slots, nbytes) / 2**20, path.parent,
+                    "" if slots == wanted else f"; {wanted} wanted, the folder's free space allows {slots}")
+    accelerator.wait_for_everyone()
+    cache = EpochCache(path)
+    accelerator.wait_for_everyone()
+    if accelerator.is_local_main_process:
+        cache.unlink()
+    train.use_epoch_cache(cache, ResizeStep(preset=preset))

@@ -30,6 +30,15 @@ def pass_totals(stats: dict) -> dict:
             "skipped_train": int(totals[:, 1].sum()), "peak_rss_mb_per_rank": int(totals[:, 2].max())}
 
 
+def read_totals(reads: np.ndarray, trained: int) -> dict:
+    """The epoch's reads of training images over all ranks: JPEG decodes, cache reads, and decodes per
+    trained image (every pass of the epoch counted: refresh, training, memorisation)."""
+    rows = np.concatenate(all_gather_rows(np.array([[int(reads[0]), int(reads[1]), trained]], np.int64)))
+    decoded, cached, images = (int(v) for v in rows.sum(0))
+    return {"images_decoded": decoded, "images_from_cache": cached,
+            "decodes_per_trained_image": decoded / images if images else None}
+
+
 def run_epoch(ctx: EpochContext, method: Method, optimizer, stop=None, subset=None) -> EpochResult:
     """One epoch of Algorithm 1: the plan, `method.refresh` (the per-sample tables), the training pass of
     `method.steps`, the tables' and the method's metrics. A run resumed mid-epoch (`ctx.start_step > 0`)
@@ -38,6 +47,8 @@ def run_epoch(ctx: EpochContext, method: Method, optimizer, stop=None, subset=No
     started = time.perf_counter()
     cfg = ctx.cfg
     ctx.plan = ctx.plan_of(subset)
+    if ctx.data.train.epoch_cache is not None:  # slots for the epoch's ids (the same on every rank)
+        ctx.data.train.epoch_cache.assign(ctx.plan.unique_ids, len(ctx.data.train))
     result = EpochResult({"epoch": ctx.epoch}).add({"lr": optimizer.param_groups[0]["lr"]}, "train")
     result.add({"time_plan": time.perf_counter() - started}, "time")
     result.merge(method.refresh(ctx))
@@ -50,8 +61,10 @@ def run_epoch(ctx: EpochContext, method: Method, optimizer, stop=None, subset=No
         result.add(steps.finish(), "labels")
     result.stopped_at = stats.pop("stopped_at")
     result.unreadable_ids = np.unique(np.concatenate(all_gather_rows(stats.pop("unreadable_ids"))))
+    result.reads = result.reads + stats.pop("reads")
     totals = pass_totals(stats)
     result.add(totals, "train").groups.update({k: "time" for k in totals if k.endswith("_seconds")})  # its durations
+    result.add(read_totals(result.reads, stats["train_images"]), "data")
     t0 = time.perf_counter()
     result.merge(table_metrics(ctx.data.train, ctx.tables, ctx.plan.unique_ids))  # the whole epoch's ids
     result.add(steps.method.epoch_metrics(ctx.data.train.true_labels), steps.method.name)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ class RefreshStats:
     ids: np.ndarray  # [n_local] int64
     probs: np.ndarray  # [n_local, C] float32
     embeddings: np.ndarray  # [n_local, d] float32
+    reads: np.ndarray = field(default_factory=lambda: np.zeros(2, np.int64))  # [JPEG decodes, cache reads]
 
 
 def progress_bar(iterable, desc: str, enabled: bool):
@@ -47,8 +48,10 @@ def refresh(model, dataset: ShardDataset, batches: list[np.ndarray], accelerator
     model.eval()
     n = sum(len(b) for b in batches)  # rows are written in place (allocated at the first batch): the n x d
     out_ids, probs, embeddings, filled = np.zeros(n, np.int64), None, None, 0  # embeddings are never held twice
+    reads = np.zeros(2, np.int64)
     loader = id_loader(dataset, batches, workers)
     for batch in progress_bar(loader, "refresh", progress):
+        reads += (batch["decoded"], batch["from_cache"])
         if batch["images"] is None:
             continue
         keep = batch["valid"]
@@ -65,10 +68,10 @@ def refresh(model, dataset: ShardDataset, batches: list[np.ndarray], accelerator
     if probs is None:
         empty = np.zeros((0,), np.int64)
         return RefreshStats(empty, np.zeros((0, model.get_classifier().out_features), np.float32),
-                            np.zeros((0, model.num_features), np.float32))
+                            np.zeros((0, model.num_features), np.float32), reads)
     if filled < n:  # unreadable samples were skipped (the copy is as small as they are rare)
-        return RefreshStats(out_ids[:filled].copy(), probs[:filled].copy(), embeddings[:filled].copy())
-    return RefreshStats(out_ids, probs, embeddings)
+        return RefreshStats(out_ids[:filled].copy(), probs[:filled].copy(), embeddings[:filled].copy(), reads)
+    return RefreshStats(out_ids, probs, embeddings, reads)
 
 
 def zero_loss_step(model, shape, accelerator) -> torch.Tensor:
@@ -108,12 +111,13 @@ def train_one_epoch(ctx, optimizer, step_loss, loader, stop=None) -> dict:
     progress = ctx.cfg.progress and accelerator.is_local_main_process
     model.train()
     total, count, skipped, wait, t0 = 0.0, 0, 0, 0.0, time.perf_counter()
-    unreadable = set()
+    unreadable, reads = set(), np.zeros(2, np.int64)
     fetched, stopped_at = time.perf_counter(), None
     for step, batch in enumerate(progress_bar(loader, "train", progress), start_step):
         wait += time.perf_counter() - fetched
         skipped += batch["skipped"]
         unreadable.update(batch["skipped_ids"])
+        reads += (batch["decoded"], batch["from_cache"])
         loss, n = None, 0
         with accelerator.autocast():
             if batch["images"] is not None and batch["valid"].any():
@@ -136,7 +140,7 @@ def train_one_epoch(ctx, optimizer, step_loss, loader, stop=None) -> dict:
     seconds = time.perf_counter() - t0
     return {"train_loss": total / max(count, 1), "train_images": count, "train_seconds": seconds,
             "data_wait_seconds": wait, "skipped_train": skipped, "stopped_at": stopped_at,
-            "unreadable_ids": np.array(sorted(unreadable), dtype=np.int64)}
+            "unreadable_ids": np.array(sorted(unreadable), dtype=np.int64), "reads": reads}
 
 
 @torch.no_grad()

@@ -9,8 +9,8 @@ import numpy as np
 @dataclass
 class EpochResult:
     """What an epoch (or a part of it) produced: scalars for summary.csv and TensorBoard, figures for
-    TensorBoard, this rank's unreadable training ids, and where a preempted pass stopped (None: it ran to
-    its end). Every scalar's TensorBoard group is declared by whoever adds it (`add(values, group)`: eval,
+    TensorBoard, this rank's unreadable training ids, where a preempted pass stopped (None: it ran to
+    its end), and this rank's image reads of the training split (JPEG decodes, cache reads). Every scalar's TensorBoard group is declared by whoever adds it (`add(values, group)`: eval,
     train, time, noise, gmm, labels, neighbours, memorisation, or a method's own name)."""
 
     scalars: dict = field(default_factory=dict)
@@ -18,6 +18,7 @@ class EpochResult:
     groups: dict = field(default_factory=dict)  # scalar name -> TensorBoard group
     unreadable_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     stopped_at: int | None = None
+    reads: np.ndarray = field(default_factory=lambda: np.zeros(2, np.int64))  # this rank's [decodes, cache reads]
 
     def add(self, values: dict, group: str, figures: dict | None = None) -> "EpochResult":
         """`values` (name -> scalar) under TensorBoard group `group`; `figures` beside them."""
@@ -30,4 +31,5 @@ class EpochResult:
         self.scalars.update(other.scalars)
         self.groups.update(other.groups)
         self.figures.update(other.figures)
+        self.reads = self.reads + other.reads
         return self

@@ -184,6 +184,7 @@ def refresh_tables(ctx) -> EpochResult:
         result.add({**neighbour_diagnostics(tables.partners, data.train.labels, data.train.true_labels, plan.unique_ids),
                     **anchor_weight_diagnostics(tables.partners, clean, data.train.labels, data.train.true_labels,
                                                 plan.unique_ids)}, "neighbours")
+    result.reads = stats.reads
     return result.merge(gmm_diagnostics(fit, losses, data.train))
 
 
@@ -237,12 +238,14 @@ def memorisation(stats: RefreshStats, train: ShardDataset) -> dict:
     return out
 
 
-def memorisation_pass(cfg: Config, model, data: Data, plan, accelerator) -> dict:
+def memorisation_pass(cfg: Config, model, data: Data, plan, accelerator) -> EpochResult:
     """A forward-only pass over this rank's share of the epoch's ids, for methods without a refresh pass."""
     if (data.train.true_labels < 0).all():
-        return {}
-    return memorisation(refresh_train(cfg, model, data, plan.refresh_slice(accelerator.process_index), accelerator),
-                        data.train)
+        return EpochResult()
+    stats = refresh_train(cfg, model, data, plan.refresh_slice(accelerator.process_index), accelerator)
+    result = EpochResult().add(memorisation(stats, data.train), "memorisation")
+    result.reads = stats.reads
+    return result
 
 
 def neighbour_diagnostics(partners: np.ndarray, labels: np.ndarray, true_labels: np.ndarray, ids: np.ndarray) -> dict:

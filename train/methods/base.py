@@ -190,7 +190,7 @@ class Method:
             check_tables_identical(ctx.tables)
             result.add({"tables_checked_ranks": ctx.world}, "train").add({"time_check": time.perf_counter() - t0}, "time")
         elif memorisation_due(cfg, ctx.epoch):
-            result.add(memorisation_pass(cfg, ctx.model, ctx.data, ctx.plan, ctx.accelerator), "memorisation")
+            result.merge(memorisation_pass(cfg, ctx.model, ctx.data, ctx.plan, ctx.accelerator))
         return result
 
     def steps(self, ctx: EpochContext) -> Steps:

@@ -154,6 +154,7 @@ def refresh_division(ctx: EpochContext, state: DivideMix) -> EpochResult:
     result = EpochResult().add({"time_refresh": t1 - t0, "time_gmm": time.perf_counter() - t1}, "time")
     result.add(division_metrics(cfg, per_net, data, ctx.plan.unique_ids), "dividemix")
     result.add(memorisation(ensemble, data.train), "memorisation")
+    result.reads = stats[0].reads + stats[1].reads
     return result.merge(gmm_diagnostics(fits[0][3], fits[0][1], data.train))  # network 1's mixture
 
 

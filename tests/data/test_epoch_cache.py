@@ -1,0 +1,71 @@
+"""The node-shared epoch cache: slots by sample id, shared with forked processes, bounded, exact."""
+import multiprocessing as mp
+
+import numpy as np
+import torch
+
+from data.epoch_cache import EpochCache, file_bytes, fitting_slots, slot_bytes
+from data.transforms import EvalTransform, ResizeStep, TrainTransform, caches_resized, get_preset
+
+
+def test_slots_hold_images_by_id_and_refuse_what_does_not_fit(tmp_path):
+    cache = EpochCache(tmp_path / "c", slots=2, nbytes=3 * 4 * 4)
+    assert cache.assign(np.array([7, 3, 9, 3]), 10) == 2  # sorted unique ids, the first `slots`: 3 and 7
+    image = torch.arange(48, dtype=torch.uint8).view(3, 4, 4)
+    assert cache.get(3) is None and cache.put(3, image) and torch.equal(cache.get(3), image)
+    assert not cache.put(9, image) and cache.get(9) is None  # no slot for 9 this epoch
+    assert not cache.put(7, torch.zeros(3, 5, 5, dtype=torch.uint8))  # larger than a slot
+    other = EpochCache(tmp_path / "c")  # another process of the node opens the same file
+    other.assign(np.array([3, 7]), 10)
+    assert torch.equal(other.get(3), image)
+    cache.assign(np.array([0, 7]), 10)  # next epoch: slot 0 now belongs to id 0; its content is still id 3's
+    assert cache.get(0) is None
+    cache.unlink()
+    assert not (tmp_path / "c").exists() and torch.equal(other.get(3), image)  # the mapping outlives the name
+
+
+def _child_put(cache, queue):
+    cache.put(5, torch.full((1, 2, 2), 9, dtype=torch.uint8))
+    queue.put(True)
+
+
+def test_a_forked_worker_writes_what_the_parent_reads(tmp_path):
+    cache = EpochCache(tmp_path / "c", slots=4, nbytes=4)
+    cache.assign(np.arange(6), 6)
+    cache.unlink()  # as a run does, before any worker forks
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_put, args=(cache, queue))
+    child.start()
+    child.join(30)
+    assert queue.get(timeout=5) and cache.get(5) is None  # id 5 has no slot (4 slots: ids 0-3)
+    cache.assign(np.array([5]), 6)
+    child = ctx.Process(target=_child_put, args=(cache, queue))
+    child.start()
+    child.join(30)
+    assert queue.get(timeout=5) and torch.equal(cache.get(5), torch.full((1, 2, 2), 9, dtype=torch.uint8))
+
+
+def test_the_stored_step_leaves_both_transforms_exact():
+    """The resized image the cache stores gives, through either transform, what the full image gives."""
+    from PIL import Image
+
+    for name in ("clothing1m", "webvision"):
+        preset = get_preset(name, 16)
+        assert caches_resized(preset)
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8))
+        stored = ResizeStep(preset=preset)(image)
+        assert stored.numel() <= slot_bytes(3, preset.resize, preset.square)
+        assert torch.equal(EvalTransform(preset=preset)(image), EvalTransform(preset=preset)(stored))
+        torch.manual_seed(1)
+        full = TrainTransform(preset=preset)(image)
+        torch.manual_seed(1)
+        assert torch.equal(full, TrainTransform(preset=preset)(stored))
+    assert not caches_resized(get_preset("imagenet")) and not caches_resized(get_preset("cifar10"))
+
+
+def test_the_file_is_reserved_within_the_folder_free_space(tmp_path):
+    assert fitting_slots(tmp_path, 10, 1000) == 10
+    assert fitting_slots(tmp_path, 10**15, 1000) < 10**15  # never more than the disk holds
+    EpochCache(tmp_path / "c", slots=3, nbytes=1000)
+    assert (tmp_path / "c").stat().st_size == file_bytes(3, 1000)
