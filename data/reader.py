@@ -52,6 +52,7 @@ class ShardDataset(torch.utils.data.Dataset):
         self.epoch_cache = None  # node-shared cache of this epoch's decoded images (data.epoch_cache), when set
         self.cache_step = None  # ... and the first step of the transforms, whose output it stores
         self.reads = np.zeros(2, np.int64)  # this process's reads: [JPEG decodes, reads from a cache]
+        self.draft_size = None  # (w, h): decode JPEGs at the smallest DCT scale still at least this (PIL draft)
 
     def with_transform(self, transform) -> "ShardDataset":
         """The same split (tables and decoded-image cache shared, not copied) under another transform."""
@@ -177,8 +178,12 @@ class ShardDataset(torch.utils.data.Dataset):
         return data
 
     def load_image(self, sample_id: int) -> Image.Image:
-        """Decode one sample's image in `self.mode`."""
+        """Decode one sample's image in `self.mode`; with `draft_size`, a JPEG at least twice that size in both
+        sides is decoded at 1/2, 1/4 or 1/8 scale by libjpeg (the largest reduction that keeps both sides at
+        least `draft_size`): far fewer pixels to decode and to resize, not bit-exact (data.transforms.draft_for)."""
         with Image.open(io.BytesIO(self.read_bytes(sample_id))) as img:
+            if self.draft_size is not None and img.format == "JPEG":
+                img.draft(self.mode, self.draft_size)
             return convert_image(img, self.mode)
 
     def __getitem__(self, sample_id):

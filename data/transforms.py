@@ -75,6 +75,15 @@ def caches_resized(preset: Preset) -> bool:
     return preset.crop == "resize_random_crop"
 
 
+def draft_for(preset: Preset) -> tuple[int, int] | None:
+    """The size a JPEG may be decoded down to (PIL's `draft`) before the transforms, for `caches_resized`
+    presets: both sides at least `resize`, which the first step then resizes to. Measured on the real-size
+    JPEGs of bench/data_path.py, the resized image differs from the full decode's by 0.8 of 255 grey levels
+    on average (the 95th percentile of the per-image mean: 2.7); a shorter-side preset's longer side can
+    come out one pixel shorter or longer. None: decode in full."""
+    return (preset.resize, preset.resize) if caches_resized(preset) else None
+
+
 class ResizeStep:
     """The transforms' first step for `caches_resized` presets: uint8 CHW tensor resized to `resize`
     (unchanged when already at it, as both transforms then leave it)."""

@@ -27,6 +27,9 @@ class DataSettings:
     workers: int = 0  # DataLoader worker processes per rank
     cache_images: str = "auto"  # decode every image once into memory: auto (when it fits cache_max_mb) | true | false
     cache_max_mb: int = 1024  # per process; digits ~0.1 MB, CIFAR-10 train ~150 MB, Clothing1M far beyond
+    decode_draft: str = "auto"  # auto: under a preset that resizes first (clothing1m, webvision), decode a JPEG at
+    #                             least twice the resize at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling; not
+    #                             bit-exact: docs/data.md) | false: always decode in full
     epoch_cache: str = "auto"  # auto: a training split too large for cache_images, under a preset that resizes
     #                            first (clothing1m, webvision), is read through a node-shared cache of the epoch's
     #                            resized images (cache_max_mb per process, /dev/shm), each decoded once | false
@@ -253,7 +256,7 @@ BATCH_ONLY = ("batch_knn_mode", "target_update")  # their method default needs k
 # record of an older version is migrated step by step (MIGRATIONS: version -> function to the next one);
 # whoever renames or removes a key, or adds one whose old behaviour is not today's default, bumps
 # CONFIG_VERSION and adds that step.
-CONFIG_VERSION = 2
+CONFIG_VERSION = 3
 
 
 def migrate_1_to_2(values: dict) -> dict:
@@ -266,7 +269,13 @@ def migrate_1_to_2(values: dict) -> dict:
     return {**{k: v for k, v in first.items() if k not in values}, **values}
 
 
-MIGRATIONS = {1: migrate_1_to_2}
+def migrate_2_to_3(values: dict) -> dict:
+    """Version 3 added `decode_draft` (reduced-size JPEG decoding, not bit-exact): a run recorded before it
+    decoded in full. (`epoch_cache`, added with it, is exact: its default applies.)"""
+    return {"decode_draft": "false", **values}
+
+
+MIGRATIONS = {1: migrate_1_to_2, 2: migrate_2_to_3}
 
 
 METADATA = ("noisymix_version", "config_version")  # written into RUN/config.yaml and checkpoints, not settings
@@ -305,10 +314,12 @@ def convert(key: str, value, kind: type):
 
 
 def similar_keys(key: str, known: list[str]) -> list[str]:
-    """Up to three known keys a mistyped one probably meant: those sharing its first word, then close spellings."""
+    """Up to three known keys a mistyped one probably meant: a near-identical spelling, then those sharing its
+    first word, then close spellings."""
     head = key.split("_")[0]
     same_head = [k for k in known if k == head or k.startswith(head + "_")]
-    return list(dict.fromkeys(same_head + difflib.get_close_matches(key, known, n=3)))[:3]
+    near = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
+    return list(dict.fromkeys(near + same_head + difflib.get_close_matches(key, known, n=3)))[:3]
 
 
 def flat_values(values: dict, origin: str) -> dict:
@@ -519,7 +530,7 @@ CHOICES = {
     "target_source": ("prediction", "refined"), "guess": ("none", "online"), "gmm_loss": ("auto", "given", "corrected"),
     "gmm_split": ("auto", "global", "class"), "gmm_scale": ("auto", "linear", "log"),
     "lr_schedule": ("cosine_restarts", "step"),
-    "cache_images": ("auto", "true", "false"), "epoch_cache": ("auto", "false"), "metric": ("l2", "cosine"), "knn_scope": ("auto", "global", "batch"),
+    "cache_images": ("auto", "true", "false"), "epoch_cache": ("auto", "false"), "decode_draft": ("auto", "false"), "metric": ("l2", "cosine"), "knn_scope": ("auto", "global", "batch"),
     "gmm_window_scale": ("auto", "raw", "normalised"), "warmup_data": ("auto", "augmented", "plain"),
     "knn_index": ("exact", "hnsw", "ivf", "clustered"), "embed_transfer": ("float32", "float16"),
     "mixed_precision": ("auto", "bf16", "no"),

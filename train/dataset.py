@@ -13,7 +13,7 @@ from accelerate.logging import get_logger
 from data.reader import ShardDataset
 from data.shards import ShardError, read_manifest, verify_split
 from data.epoch_cache import HEADER, EpochCache, cache_path, file_bytes, fitting_slots, new_token, slot_bytes
-from data.transforms import EvalTransform, ResizeStep, TrainTransform, caches_resized, get_preset
+from data.transforms import EvalTransform, ResizeStep, TrainTransform, caches_resized, draft_for, get_preset
 
 from .config import UserError
 
@@ -87,6 +87,9 @@ def load_data(cfg: Config, accelerator: Accelerator) -> Data:
     if cfg.batch_size % accelerator.num_processes:
         raise UserError(f"--batch_size {cfg.batch_size} (global) must be a multiple of the {accelerator.num_processes} "
                         "processes")
+    draft = draft_for(preset) if cfg.decode_draft == "auto" else None
+    for ds in (train, *evals.values()):
+        ds.draft_size = draft
     left = cache_images(cfg, [train, *evals.values()])
     if cfg.epoch_cache == "auto" and not train.cached and caches_resized(preset):
         open_epoch_cache(train, preset, left, accelerator)

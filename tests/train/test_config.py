@@ -198,7 +198,8 @@ def test_a_record_of_this_version_resumes_as_written_and_a_newer_one_is_refused(
 
 def test_every_shipped_config_resolves_to_its_recorded_values():
     """Each launch/configs file alone resolves key for key to tests/train/resolved_configs.json (recorded
-    from the code before the method interface moved the per-method defaults into the method classes)."""
+    from the code before the method interface moved the per-method defaults into the method classes; the
+    keys added since, `epoch_cache` and `decode_draft`, at their defaults)."""
     recorded = json.loads((Path(__file__).parent / "resolved_configs.json").read_text())
     assert sorted(recorded) == sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
     for name, values in recorded.items():
@@ -242,3 +243,13 @@ def test_method_options_are_declared_by_their_method():
                                                                       if key in getattr(cls, "choices", {}) else value)
             with pytest.raises(ConfigError, match=f"--{key} is a .*setting; it does nothing with --method {other}"):
                 load_config(["--method", other, f"--{key}", value])
+
+
+def test_a_version_2_record_resumes_decoding_in_full(tmp_path):
+    """Runs recorded before reduced-size JPEG decoding existed resume decoding as they did (in full)."""
+    record = dataclasses.asdict(load_config(["--dataset", "clothing1m"])) | {"config_version": 2}
+    del record["decode_draft"], record["epoch_cache"]
+    save_checkpoint(tmp_path, {"model": {}, "epoch": 1, "config": record}, 0, keep=2, is_best=False)
+    resumed = load_config(["--resume", str(tmp_path)])
+    assert (resumed.decode_draft, resumed.epoch_cache) == ("false", "auto")
+    assert load_config(["--dataset", "clothing1m"]).decode_draft == "auto"
