@@ -4,7 +4,7 @@
         [--out runs/bench-data-path]
 
 Images: the two photographs scikit-learn ships (`sklearn.datasets.load_sample_images()`, 427 x 640) cut into
-N distinct JPEGs - a random crop of 40-100% of each side, rescaled so the shorter side is 256-800 px, flipped
+N distinct JPEGs - a random crop of 40-100% of each side (aspect up to 3.6:1), rescaled so the shorter side is 256-800 px, flipped
 half the time, brightness / contrast / colour jittered by up to 30%, saved at quality 75-95 - in 14 class
 folders, prepared as a user would: `python -m data.prepare folder` (and again with `--resize 256`).
 
@@ -17,7 +17,8 @@ every cell runs the exact read pattern of one method over the N ids of an epoch 
 - `mixnn-global`: the refresh pass, then each anchor read with its neighbour (k = 1): 2 reads per id;
 - `dividemix`: two refresh passes (one per network), then per network each id read in two augmented views;
 
-without and with the epoch cache (data.epoch_cache), and beside them, on the same images as plain files,
+without and with the epoch cache (data.epoch_cache), with reduced-size decoding as a run does it
+(`decode_draft: auto`; CE also without it), and beside them, on the same images as plain files,
 (a) `ImageFolder`: torchvision's `ImageFolder` + PIL + the same transforms as a v2 Compose in a DataLoader
 (CE's pattern: what users of the authors' scripts run), and (b) the decode-only limits of one core: PIL's
 full decode, PIL with `draft` (libjpeg's DCT scaling to the smallest size still at least the preset's
@@ -116,18 +117,21 @@ def patterns(n: int, rng: np.random.Generator) -> dict:
                           ("train", [np.concatenate([b, b]) for b in shuffled()])]}
 
 
-def open_split(shards: Path, preset_name: str):
+def open_split(shards: Path, preset_name: str, draft: bool = True):
+    """The training split as a run opens it (train and eval views; `draft`: decode_draft auto)."""
     from data.reader import ShardDataset
     from data.shards import load_offset_table
-    from data.transforms import EvalTransform, TrainTransform, get_preset
+    from data.transforms import EvalTransform, TrainTransform, draft_for, get_preset
 
     preset = get_preset(preset_name)
     train = ShardDataset(shards / "train", TrainTransform(preset=preset), preset.mode,
                          table=load_offset_table(shards / "train"))
+    train.draft_size = draft_for(preset) if draft else None
     return preset, train, train.with_transform(EvalTransform(preset=preset))
 
 
-def run_pattern(shards: Path, preset_name: str, pattern: str, workers: int, cache: bool, tmp: Path) -> dict:
+def run_pattern(shards: Path, preset_name: str, pattern: str, workers: int, cache: bool, tmp: Path,
+                draft: bool = True) -> dict:
     """One cell: the pattern's passes through `id_loader`; seconds, reads, decodes, bytes."""
     import torch
 
@@ -136,7 +140,7 @@ def run_pattern(shards: Path, preset_name: str, pattern: str, workers: int, cach
     from data.transforms import ResizeStep
 
     torch.set_num_threads(1)
-    preset, train, plain = open_split(shards, preset_name)
+    preset, train, plain = open_split(shards, preset_name, draft)
     n = len(train)
     if cache:
         path = tmp / f"cache-{os.getpid()}"
@@ -252,6 +256,8 @@ def main(argv=None) -> None:
         for source, shards in (("shards", full), ("shards --resize 256", small)):
             cell(f"{preset}|{source}|decode", decode_limits, shards, preset)
             for w in workers:
+                cell(f"{preset}|{source}|ce, decode_draft false|{w}", run_pattern, shards, preset, "ce", w, False,
+                     tmp, False)
                 for pattern in ("ce", "mixnn", "mixnn-global", "dividemix"):
                     cell(f"{preset}|{source}|{pattern}|{w}", run_pattern, shards, preset, pattern, w, False, tmp)
                     if pattern != "ce":
