@@ -103,3 +103,32 @@ def test_reduced_size_decoding_stays_within_its_stated_tolerance(tmp_path):
                 a, b = a[..., :width], b[..., :width]
             assert (a.int() - b.int()).abs().float().mean() < 2.7
     assert draft_for(get_preset("imagenet")) is None and draft_for(get_preset("digits")) is None
+
+
+def test_jpegs_decode_to_the_same_pixels_through_torchvision_io(tmp_path):
+    """`ShardDataset.decode` hands JPEGs that draft would not shrink to torchvision.io.decode_jpeg: the same
+    pixels as PIL's decode, in RGB and in L; a damaged JPEG still fails (and is skipped by the loader)."""
+    from conftest import run_module, write_jpeg
+    from torchvision.transforms.v2 import functional as F
+
+    from data.reader import ShardDataset
+
+    from PIL import Image
+
+    for i in range(6):
+        write_jpeg(tmp_path / "rgb" / f"c{i % 2}" / f"{i}.jpg", i, size=(40 + 7 * i, 30 + 5 * i))
+        grey = np.random.default_rng(i).integers(0, 255, (30 + 5 * i, 40 + 7 * i), dtype=np.uint8)
+        (tmp_path / "grey" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grey, "L").save(tmp_path / "grey" / f"c{i % 2}" / f"{i}.jpg", quality=85)
+    for kind, mode in (("rgb", "RGB"), ("grey", "L")):
+        assert run_module("data.prepare", "folder", "--root", tmp_path / kind, "--out", tmp_path / kind / "s"
+                          ).returncode == 0
+        ds = ShardDataset(tmp_path / kind / "s" / "train", mode=mode)
+        for sid in range(len(ds)):
+            fast = ds.decode(sid)
+            assert isinstance(fast, torch.Tensor) and torch.equal(fast, F.pil_to_tensor(ds.load_image(sid)))
+    mixed = ShardDataset(tmp_path / "rgb" / "s" / "train", mode="L")  # an RGB JPEG in a grey split: PIL converts
+    assert isinstance(mixed.decode(0), Image.Image)
+    ds = ShardDataset(tmp_path / "rgb" / "s" / "train")
+    ds.read_bytes = lambda sid: ShardDataset.read_bytes(ds, sid)[:200]  # a JPEG cut short
+    assert ds[0][0] is None and ds.read_error(0)
