@@ -2,10 +2,9 @@
 folds, predicts its held-out fold -> out-of-sample probabilities for every sample id."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch

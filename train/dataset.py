@@ -1,18 +1,17 @@
 """The prepared data set of a run: shards folder, manifest, training views and eval splits."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
+from data.epoch_cache import HEADER, EpochCache, cache_path, file_bytes, fitting_slots, new_token, slot_bytes
 from data.reader import ShardDataset
 from data.shards import ShardError, read_manifest, verify_split
-from data.epoch_cache import HEADER, EpochCache, cache_path, file_bytes, fitting_slots, new_token, slot_bytes
 from data.transforms import EvalTransform, ResizeStep, TrainTransform, caches_resized, draft_for, get_preset
 
 from .config import UserError

@@ -2,10 +2,9 @@
 the epoch's metrics; then evaluation and model selection."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import resource
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 

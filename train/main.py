@@ -6,8 +6,6 @@ ids, lets the method refresh the per-sample tables and lay out its training pass
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import dataclasses
 import logging
 import os
@@ -15,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if __package__ in (None, ""):  # run as a script by `accelerate launch train/main.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

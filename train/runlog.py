@@ -1,13 +1,12 @@
 """The run log: summary.csv (one row per epoch), TensorBoard through Accelerate's tracker, the final summary."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import csv
 import dataclasses
 import io
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from accelerate import Accelerator
 from accelerate.tracking import TensorBoardTracker

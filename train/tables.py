@@ -2,11 +2,10 @@
 neighbour table; identical on every rank (checked by CRC)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import functools
 import time
 import zlib
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
