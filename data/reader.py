@@ -14,19 +14,26 @@ import copy
 import io
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
+
+try:  # deprecated since torchvision 0.29 (to be superseded by TorchCodec): without it PIL decodes every JPEG
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:
+    ImageReadMode = decode_jpeg = None
 
 from .images import convert_image
 from .shards import load_offset_table
 
 logger = logging.getLogger(__name__)
 MAX_OPEN_SHARDS = 256
-JPEG_MODES = {"RGB": ImageReadMode.RGB, "L": ImageReadMode.GRAY}  # split mode -> decode_jpeg's
+JPEG_MODES = {"RGB": ImageReadMode.RGB, "L": ImageReadMode.GRAY} if decode_jpeg else {}  # split mode -> decode_jpeg's
+warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision are deprecated",
+                        DeprecationWarning)  # said once in docs/data.md, not at every worker's first image
 
 
 class ShardDataset(torch.utils.data.Dataset):
