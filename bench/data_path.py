@@ -4,9 +4,9 @@
         [--out runs/bench-data-path]
 
 Images: the two photographs scikit-learn ships (`sklearn.datasets.load_sample_images()`, 427 x 640) cut into
-N distinct JPEGs - a random crop of 40-100% of each side (aspect up to 3.6:1), rescaled so the shorter side is 256-800 px, flipped
-half the time, brightness / contrast / colour jittered by up to 30%, saved at quality 75-95 - in 14 class
-folders, prepared as a user would: `python -m data.prepare folder` (and again with `--resize 256`).
+N distinct JPEGs - a random crop of 40-100% of each side (aspect up to 3.6:1), rescaled so the shorter side
+is 256-800 px, flipped half the time, brightness / contrast / colour jittered by up to 30%, saved at
+quality 75-95 - in 14 class folders, prepared as a user would: `python -m data.prepare folder` (and again with `--resize 256`).
 
 Per preset (clothing1m: square 256 resize + random 224 crop; webvision: shorter side 256 + random 227 crop),
 every cell runs the exact read pattern of one method over the N ids of an epoch through the real loader
@@ -191,8 +191,6 @@ def decode_limits(shards: Path, preset_name: str, count: int = 200) -> dict:
     from PIL import Image
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from data.transforms import get_preset
-
     torch.set_num_threads(1)
     preset, train, _ = open_split(shards, preset_name)
     blobs = [train.read_bytes(i) for i in range(min(count, len(train)))]
@@ -230,6 +228,8 @@ def cell_rows(results: dict, preset: str, workers: list[int]) -> list[str]:
 
 
 def main(argv=None) -> None:
+    from data.epoch_cache import shared_folder
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=800)
     p.add_argument("--workers", default="0,2")
@@ -244,7 +244,7 @@ def main(argv=None) -> None:
     small = prepare(args.out / "raw", args.out / "shards-256", resize=256)
     saved = args.out / "results.json"
     results = json.loads(saved.read_text()) if args.reuse and saved.is_file() else {}
-    tmp = Path("/dev/shm") if Path("/dev/shm").is_dir() else args.out
+    tmp = shared_folder()  # where a run puts its epoch cache
 
     def cell(key, fn, *a):
         if key not in results:

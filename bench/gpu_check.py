@@ -88,7 +88,8 @@ def training_run(method: str, shards: Path, out: Path, steps: int, model: str) -
     name = f"{method}-{model}"
     args = [sys.executable, str(REPO / "train/main.py"), "--method", method, "--dataset", "clothing1m", "--data",
             str(shards), "--model", model, "--pretrained", "none", "--epochs", "2", "--warmup_epochs", "1",
-            "--correction_epoch", "1", "--num_batches", str(steps), "--batch_size", "64" if model != "small_cnn" else "8",
+            "--correction_epoch", "1", "--num_batches", str(steps),
+            "--batch_size", "64" if model != "small_cnn" else "8",
             "--workers", str(max(1, (os.cpu_count() or 2) - 1)), "--eval_splits", "train", "--output", str(out),
             "--run_name", name, "--progress", "false", "--memorisation_every", "0", "--cache_images", "false"]
     if model == "small_cnn":
@@ -106,6 +107,7 @@ def training_run(method: str, shards: Path, out: Path, steps: int, model: str) -
 def main(argv=None) -> None:
     import torch
 
+    from data.epoch_cache import shared_folder
     from data_path import make_images, prepare, run_pattern
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -126,13 +128,14 @@ def main(argv=None) -> None:
         rows.append(f"| {what} | {value} | {note} |")
 
     if cuda:
-        row("ResNet-50 train, 224, bf16, channels_last, batch 128", f"{model_rate('resnet50', 224, 128, 30):,.0f} img/s")
+        row("ResNet-50 train, 224, bf16, channels_last, batch 128",
+            f"{model_rate('resnet50', 224, 128, 30):,.0f} img/s")
         row("InceptionResNetV2 train, 227, bf16, channels_last, batch 64",
             f"{model_rate('inception_resnet_v2', 227, 64, 20):,.0f} img/s")
     else:
         skipped += ["GPU training rates", "batched CUDA decode", "torch_knn on CUDA"]
     workers = max(1, cores - 1)
-    tmp = Path("/dev/shm") if Path("/dev/shm").is_dir() else args.out
+    tmp = shared_folder()  # where a run puts its epoch cache
     for pattern, cache in (("ce", False), ("mixnn", False), ("mixnn", True)):
         r = run_pattern(shards, "clothing1m", pattern, workers, cache, tmp)
         row(f"data path, {pattern}{' + epoch cache' if cache else ''}, {workers} workers, {images} JPEGs",

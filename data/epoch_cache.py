@@ -70,8 +70,8 @@ def new_token() -> str:
 class EpochCache:
     """Fixed slots of decoded images in a shared file mapping (see the module docstring).
 
-    `create(path, slots, nbytes)` once per node, `EpochCache(path)` in every process of the node (before its
-    DataLoader workers fork: they share the mapping), then `unlink()` once all have opened it."""
+    `EpochCache(path, slots, nbytes)` creates it, once per node; `EpochCache(path)` opens it, in every process
+    of the node (before its DataLoader workers fork: they share the mapping); then `unlink()` once all have."""
 
     def __init__(self, path: str | Path, slots: int | None = None, nbytes: int | None = None):
         self.path = Path(path)

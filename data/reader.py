@@ -138,9 +138,7 @@ class ShardDataset(torch.utils.data.Dataset):
             fast = img.format == "JPEG" and img.mode == self.mode and self.mode in JPEG_MODES and not (
                 self.draft_size is not None and min(s // d for s, d in zip(img.size, self.draft_size)) >= 2)
             if not fast:
-                if self.draft_size is not None and img.format == "JPEG":
-                    img.draft(self.mode, self.draft_size)
-                return convert_image(img, self.mode)
+                return self.pil_decode(img)
         return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=JPEG_MODES[self.mode])
 
     def decoded(self, sample_id: int):
@@ -206,9 +204,13 @@ class ShardDataset(torch.utils.data.Dataset):
         sides is decoded at 1/2, 1/4 or 1/8 scale by libjpeg (the largest reduction that keeps both sides at
         least `draft_size`): far fewer pixels to decode and to resize, not bit-exact (data.transforms.draft_for)."""
         with Image.open(io.BytesIO(self.read_bytes(sample_id))) as img:
-            if self.draft_size is not None and img.format == "JPEG":
-                img.draft(self.mode, self.draft_size)
-            return convert_image(img, self.mode)
+            return self.pil_decode(img)
+
+    def pil_decode(self, img: Image.Image) -> Image.Image:
+        """An opened image decoded in `self.mode` (at reduced size for a JPEG, with `draft_size`)."""
+        if self.draft_size is not None and img.format == "JPEG":
+            img.draft(self.mode, self.draft_size)
+        return convert_image(img, self.mode)
 
     def __getitem__(self, sample_id):
         sample_id = int(sample_id)

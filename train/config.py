@@ -339,8 +339,8 @@ def flat_values(values: dict, origin: str) -> dict:
         items = {name: value} if dot else value
         for sub, sub_value in items.items():
             sub = str(sub).replace("-", "_")
-            if sub not in keys_of(sections[head]):
-                known = list(keys_of(sections[head]))
+            known = keys_of(sections[head])
+            if sub not in known:
                 close = similar_keys(sub, known)
                 raise ConfigError(f"{origin}: {head}.{sub}: no such key in section {head!r} (its keys: "
                                   f"{', '.join(known)})" + (f"; did you mean {' or '.join(map(repr, close))}?"
@@ -349,11 +349,14 @@ def flat_values(values: dict, origin: str) -> dict:
     return out
 
 
-def apply(cfg, values: dict, origin: str):
-    """Set known keys (flat, or by section: `flat_values`); unknown keys are an error naming the closest
-    known one."""
+def apply(cfg, values: dict, origin: str, given: set | None = None):
+    """Set known keys (flat, or by section: `flat_values`), adding their names to `given`; unknown keys are an
+    error naming the closest known one."""
     types = field_types()
-    for key, value in flat_values(values, origin).items():
+    values = flat_values(values, origin)
+    if given is not None:
+        given |= set(values)
+    for key, value in values.items():
         if key in METADATA:
             continue
         if key not in types:
@@ -382,7 +385,7 @@ def field_docs() -> list[tuple[str, list[tuple[str, str]]]]:
         title = (cls.__doc__ or cls.__name__).strip().split(". ")[0].rstrip(".")
         if cls in owners:
             title += f", --method {', '.join(owners[cls])}"
-        keys, key = [], None
+        keys, key, names = [], None, set(keys_of(cls))
         for line in inspect.getsource(cls).splitlines()[1:]:
             stripped = line.strip()
             if stripped.startswith("#"):
@@ -390,7 +393,7 @@ def field_docs() -> list[tuple[str, list[tuple[str, str]]]]:
                     keys[-1] = (key, f"{keys[-1][1]} {stripped[1:].strip()}")
                 else:
                     key = None
-            elif stripped.split(":", 1)[0] in keys_of(cls):
+            elif stripped.split(":", 1)[0] in names:
                 key = stripped.split(":", 1)[0]
                 keys.append((key, stripped.split("#", 1)[1].strip() if "#" in stripped else ""))
             else:
@@ -494,11 +497,8 @@ def load_config(argv: list[str]):
     if "resume" in overrides:
         apply(cfg, resumed_settings(Path(overrides["resume"])), "resumed run")
     for config_file in filter(None, overrides.pop("config", "").split(",")):
-        values = read_yaml(Path(config_file))
-        given |= set(flat_values(values, config_file))
-        apply(cfg, values, config_file)
-    given |= set(flat_values(overrides, "command line"))
-    return check(apply(cfg, overrides, "command line"), given)
+        apply(cfg, read_yaml(Path(config_file)), config_file, given)
+    return check(apply(cfg, overrides, "command line", given), given)
 
 
 # (test, what it must be) per numeric key of the general sections, and the allowed values of their string keys:

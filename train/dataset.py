@@ -86,14 +86,18 @@ def load_data(cfg: Config, accelerator: Accelerator) -> Data:
     if cfg.batch_size % accelerator.num_processes:
         raise UserError(f"--batch_size {cfg.batch_size} (global) must be a multiple of the {accelerator.num_processes} "
                         "processes")
-    draft = draft_for(preset) if cfg.decode_draft == "auto" else None
     for ds in (train, *evals.values()):
-        ds.draft_size = draft
+        ds.draft_size = decode_size(cfg, preset)
     left = cache_images(cfg, [train, *evals.values()])
     if cfg.epoch_cache == "auto" and not train.cached and caches_resized(preset):
         open_epoch_cache(train, preset, left, accelerator)
     plain = train.with_transform(EvalTransform(preset=preset))  # shares the caches
     return Data(root, manifest, train, plain, evals, (1 if preset.mode == "L" else 3, preset.size, preset.size))
+
+
+def decode_size(cfg: Config, preset) -> tuple[int, int] | None:
+    """The size JPEGs may be decoded down to (`decode_draft`; data.transforms.draft_for), None: in full."""
+    return draft_for(preset) if cfg.decode_draft == "auto" else None
 
 
 def cache_images(cfg: Config, datasets: list[ShardDataset]) -> int:

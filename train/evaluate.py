@@ -24,10 +24,11 @@ from accelerate import Accelerator
 from data.atomic import atomic_write_text
 from data.reader import ShardDataset
 from data.shards import ShardError, read_manifest, verify_split
-from data.transforms import EvalTransform, draft_for, get_preset
+from data.transforms import EvalTransform, get_preset
 
 from .checkpoint import find_checkpoint, load_checkpoint
 from .config import UserError, config_of_checkpoint
+from .dataset import decode_size
 from .loop import evaluate
 from .methods import create_run_model
 
@@ -40,7 +41,7 @@ def evaluate_checkpoint(run: Path, checkpoint: str, splits: list[Path], accelera
     state = load_checkpoint(find_checkpoint(run, checkpoint))
     cfg = config_of_checkpoint(state)
     preset = get_preset(cfg.dataset, cfg.image_size or None)
-    draft = draft_for(preset) if cfg.decode_draft == "auto" else None  # as the run decoded its eval splits
+    draft = decode_size(cfg, preset)  # as the run decoded its eval splits
     num_classes = state["targets"]["num_classes"]
     model = create_run_model(cfg, num_classes, 1 if preset.mode == "L" else 3)
     model.load_state_dict(state["model"])

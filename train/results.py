@@ -10,8 +10,9 @@ import numpy as np
 class EpochResult:
     """What an epoch (or a part of it) produced: scalars for summary.csv and TensorBoard, figures for
     TensorBoard, this rank's unreadable training ids, where a preempted pass stopped (None: it ran to
-    its end), and this rank's image reads of the training split (JPEG decodes, cache reads). Every scalar's TensorBoard group is declared by whoever adds it (`add(values, group)`: eval,
-    train, time, noise, gmm, labels, neighbours, memorisation, or a method's own name)."""
+    its end), and this rank's image reads of the training split (JPEG decodes, cache reads). Every
+    scalar's TensorBoard group is declared by whoever adds it (`add(values, group)`: eval, train, time,
+    noise, gmm, labels, neighbours, memorisation, data, or a method's own name)."""
 
     scalars: dict = field(default_factory=dict)
     figures: dict = field(default_factory=dict)  # TensorBoard tag -> function of the epoch returning a figure

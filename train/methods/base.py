@@ -5,8 +5,9 @@ A method is one class (registered by name in `train.methods.METHODS`). `Method` 
 default, so a method writes only what it changes:
 
 - class attributes: `name`; `options` (dataclasses, declared in its file, of the config keys only it reads)
-  and `defaults` (its values of the keys left at `auto`); `cross_validation` (a K-fold stage before the first epoch gives it out-of-sample
-  probabilities); `find_unused_parameters` (DDP: a step trains part of the model); `guesses` (`--guess`).
+  and `defaults` (its values of the keys left at `auto`); `cross_validation` (a K-fold stage before the
+  first epoch gives it out-of-sample probabilities); `find_unused_parameters` (DDP: a step trains part of
+  the model); `guesses` (`--guess`).
 - `from_config(cfg, labels, num_classes, oos)` builds it; `build_model(make)` its model from `make()`;
   `check_config(cfg)` refuses settings it cannot run together.
 - per epoch, called by `train.epoch.run_epoch` with an `EpochContext`: `refresh(ctx)` fills the per-sample
