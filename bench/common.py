@@ -57,10 +57,9 @@ VARIANTS = {
     "mixnn-cosine": [*GLOBAL, "--metric", "cosine"],
     "mixnn-refined": [*GLOBAL, "--target_source", "refined"],
     "mixnn-update10": [*GLOBAL, "--target_update_every", "10"],  # the MixNN authors' target period
-    # the MixNN authors' released script (launch/configs/mixnn_authors.yaml), E_s = their es 10 on digits;
+    # the MixNN authors' released script (launch/configs/mixnn_authors.yaml; digits.yaml's E_s 9 is their es 10);
     # bench/authors_compare.py adds their noise-dependent GMM window. Then each of its settings alone:
-    "mixnn-authors": ["--method", "mixnn", "--config_overlay", "mixnn_authors", "--correction_epoch", "9"],
-    "mixnn-authors-dataset": ["--method", "mixnn", "--config_overlay", "mixnn_authors"],  # E_s of the data set config
+    "mixnn-authors": ["--method", "mixnn", "--config_overlay", "mixnn_authors"],
     "mixnn-probloss": [*GLOBAL, "--early_loss", "prob"],
     "mixnn-plainwarmup": [*GLOBAL, "--warmup_data", "plain"],
     "mixnn-batchtrain": [*GLOBAL, "--knn_scope", "batch", "--batch_knn_mode", "train"],

@@ -68,7 +68,7 @@ class TrainingSettings:
     section: ClassVar[str] = "training"
     method: str = "mixnn"  # the method to train with, one registered in train.methods.METHODS
     warmup_epochs: int = 5
-    correction_epoch: int = 10  # E_s: soft targets move by EMA from this 0-based epoch on (-1: never)
+    correction_epoch: int = 9  # E_s: soft targets move by EMA from this 0-based epoch on (-1: never)
     # A key set to "auto" (a number: 0) takes the method's default (its class's `defaults`); for MixNN those follow
     # the MixNN authors' released code, chosen on the noisy val split (docs/benchmarks.md, "MixNN's default").
     target_update_every: int = 0  # from E_s, move the soft targets only in epochs whose 1-based count is a multiple

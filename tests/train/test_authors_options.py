@@ -138,7 +138,7 @@ def test_authors_options_are_checked():
 
 
 def test_mixnn_authors_config_follows_their_script():
-    cfg = load_config(["--config", f"{CONFIG_DIR}/digits.yaml,{CONFIG_DIR}/mixnn_authors.yaml", "--correction_epoch", "9"])
+    cfg = load_config(["--config", f"{CONFIG_DIR}/digits.yaml,{CONFIG_DIR}/mixnn_authors.yaml"])
     expected = dict(method="mixnn", k=1, weights="clean", knn_scope="batch", batch_knn_mode="train", mix_start="after_correction",
                     mixup_alpha=1.0, early_loss="prob", warmup_data="plain", ema=0.9, target_update_every=10,
                     target_update="step",
