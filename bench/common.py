@@ -66,7 +66,6 @@ VARIANTS = {
     "mixnn-globalgmm": [*GLOBAL, "--gmm_split", "global", "--gmm_scale", "linear"],
     "mixnn-corrected": [*GLOBAL, "--gmm_loss", "corrected"],
     "mixnn-wd": [*GLOBAL, "--weight_decay", "0.001", "--lr_min", "0.001"],
-    "mixnn-es9": [*GLOBAL, "--correction_epoch", "9"],
     "mixnn-batchstep": [*GLOBAL, "--knn_scope", "batch", "--batch_knn_mode", "train", "--target_update", "step"],
 }
 

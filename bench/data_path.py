@@ -6,7 +6,8 @@
 Images: the two photographs scikit-learn ships (`sklearn.datasets.load_sample_images()`, 427 x 640) cut into
 N distinct JPEGs - a random crop of 40-100% of each side (aspect up to 3.6:1), rescaled so the shorter side
 is 256-800 px, flipped half the time, brightness / contrast / colour jittered by up to 30%, saved at
-quality 75-95 - in 14 class folders, prepared as a user would: `python -m data.prepare folder` (and again with `--resize 256`).
+quality 75-95 - in 14 class folders, prepared as a user would: `python -m data.prepare folder` (and again
+with `--resize 256`).
 
 Per preset (clothing1m: square 256 resize + random 224 crop; webvision: shorter side 256 + random 227 crop),
 every cell runs the exact read pattern of one method over the N ids of an epoch through the real loader

@@ -86,8 +86,9 @@ def load_data(cfg: Config, accelerator: Accelerator) -> Data:
     if cfg.batch_size % accelerator.num_processes:
         raise UserError(f"--batch_size {cfg.batch_size} (global) must be a multiple of the {accelerator.num_processes} "
                         "processes")
+    draft = decode_size(cfg, preset)
     for ds in (train, *evals.values()):
-        ds.draft_size = decode_size(cfg, preset)
+        ds.draft_size = draft
     left = cache_images(cfg, [train, *evals.values()])
     if cfg.epoch_cache == "auto" and not train.cached and caches_resized(preset):
         open_epoch_cache(train, preset, left, accelerator)
