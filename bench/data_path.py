@@ -19,11 +19,12 @@ every cell runs the exact read pattern of one method over the N ids of an epoch 
 - `dividemix`: two refresh passes (one per network), then per network each id read in two augmented views;
 
 without and with the epoch cache (data.epoch_cache), with reduced-size decoding as a run does it
-(`decode_draft: auto`; CE also without it), and beside them, on the same images as plain files,
-(a) `ImageFolder`: torchvision's `ImageFolder` + PIL + the same transforms as a v2 Compose in a DataLoader
-(CE's pattern: what users of the authors' scripts run), and (b) the decode-only limits of one core: PIL's
-full decode, PIL with `draft` (libjpeg's DCT scaling to the smallest size still at least the preset's
-resize), and `torchvision.io.decode_jpeg`.
+(`decode_draft: auto`; CE also without it), each batch leaving the loader as uint8 and normalised by the
+step as in a run (`ShardDataset.to_device`; CE also normalised per image in the loader), and beside them,
+on the same images as plain files, (a) `ImageFolder`: torchvision's `ImageFolder` + PIL + the same
+transforms as a v2 Compose in a DataLoader (CE's pattern: what users of the authors' scripts run), and
+(b) the decode-only limits of one core: PIL's full decode, PIL with `draft` (libjpeg's DCT scaling to the
+smallest size still at least the preset's resize), and `torchvision.io.decode_jpeg`.
 
 Columns: images delivered per second (all reads), epoch ids per second, both per core (a worker is a core;
 0 workers: the main process is the core); JPEG decodes and MB of JPEG read per trained id; CPU cores
@@ -118,22 +119,24 @@ def patterns(n: int, rng: np.random.Generator) -> dict:
                           ("train", [np.concatenate([b, b]) for b in shuffled()])]}
 
 
-def open_split(shards: Path, preset_name: str, draft: bool = True):
-    """The training split as a run opens it (train and eval views; `draft`: decode_draft auto)."""
+def open_split(shards: Path, preset_name: str, draft: bool = True, normalise: bool = False):
+    """The training split as a run opens it (train and eval views; `draft`: decode_draft auto; uint8 batches
+    normalised by `to_device`, or with `normalise` by the transforms in the loader)."""
     from data.reader import ShardDataset
     from data.shards import load_offset_table
     from data.transforms import EvalTransform, TrainTransform, draft_for, get_preset
 
     preset = get_preset(preset_name)
-    train = ShardDataset(shards / "train", TrainTransform(preset=preset), preset.mode,
+    train = ShardDataset(shards / "train", TrainTransform(preset=preset, normalise=normalise), preset.mode,
                          table=load_offset_table(shards / "train"))
     train.draft_size = draft_for(preset) if draft else None
-    return preset, train, train.with_transform(EvalTransform(preset=preset))
+    return preset, train, train.with_transform(EvalTransform(preset=preset, normalise=normalise))
 
 
 def run_pattern(shards: Path, preset_name: str, pattern: str, workers: int, cache: bool, tmp: Path,
-                draft: bool = True) -> dict:
-    """One cell: the pattern's passes through `id_loader`; seconds, reads, decodes, bytes."""
+                draft: bool = True, normalise: bool = False) -> dict:
+    """One cell: the pattern's passes through `id_loader`, each batch as the model's float32 input
+    (`to_device`, the training loop's step); seconds, reads, decodes, bytes."""
     import torch
 
     from data.epoch_cache import EpochCache, slot_bytes
@@ -141,7 +144,7 @@ def run_pattern(shards: Path, preset_name: str, pattern: str, workers: int, cach
     from data.transforms import ResizeStep
 
     torch.set_num_threads(1)
-    preset, train, plain = open_split(shards, preset_name, draft)
+    preset, train, plain = open_split(shards, preset_name, draft, normalise)
     n = len(train)
     if cache:
         path = tmp / f"cache-{os.getpid()}"
@@ -153,8 +156,9 @@ def run_pattern(shards: Path, preset_name: str, pattern: str, workers: int, cach
     passes = patterns(n, np.random.default_rng(0))[pattern]
     reads, decoded, t0 = 0, 0, time.perf_counter()
     for kind, batches in passes:
-        loader = id_loader(train if kind == "train" else plain, batches, workers, seed=0 if kind == "train" else None)
-        for batch in loader:
+        ds = train if kind == "train" else plain
+        for batch in id_loader(ds, batches, workers, seed=0 if kind == "train" else None):
+            ds.to_device(batch["images"], "cpu")
             reads += int(batch["valid"].sum())
             decoded += batch["decoded"]
     seconds = time.perf_counter() - t0
@@ -259,6 +263,8 @@ def main(argv=None) -> None:
             for w in workers:
                 cell(f"{preset}|{source}|ce, decode_draft false|{w}", run_pattern, shards, preset, "ce", w, False,
                      tmp, False)
+                cell(f"{preset}|{source}|ce, normalised in the loader|{w}", run_pattern, shards, preset, "ce", w,
+                     False, tmp, True, True)
                 for pattern in ("ce", "mixnn", "mixnn-global", "dividemix"):
                     cell(f"{preset}|{source}|{pattern}|{w}", run_pattern, shards, preset, pattern, w, False, tmp)
                     if pattern != "ce":

@@ -70,6 +70,13 @@ class ShardDataset(torch.utils.data.Dataset):
         view.epoch_cache = self.epoch_cache  # (copy goes through __getstate__, which drops it for pickling)
         return view
 
+    def to_device(self, images: torch.Tensor, device) -> torch.Tensor:
+        """A collated batch of this dataset as the model's input on `device`: the transform's `to_device`
+        (data.transforms.Normalising: uint8 batches are normalised there), else moved as it is."""
+        if hasattr(self.transform, "to_device"):
+            return self.transform.to_device(images, device)
+        return images.to(device, non_blocking=True)
+
     @property
     def cached(self) -> bool:
         return self._pixels is not None
@@ -306,5 +313,5 @@ def id_loader(dataset: ShardDataset, batches: list[np.ndarray], workers: int = 0
     generator = torch.Generator().manual_seed(0 if seed is None else seed)
     return torch.utils.data.DataLoader(dataset, batch_sampler=IdBatchSampler(batches, seed, first_step), num_workers=workers,
                                        collate_fn=collate_with_skips, generator=generator,
-                                       persistent_workers=False, pin_memory=False,
+                                       persistent_workers=False, pin_memory=torch.cuda.is_available(),
                                        multiprocessing_context="fork" if workers and os.name == "posix" else None)

@@ -65,8 +65,31 @@ def mean_std(preset: Preset) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def normalise(image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 -> float in [0, 1] -> (x - mean) / std: the same arithmetic as v2's ToDtype + Normalize."""
+    """uint8 -> float in [0, 1] -> (x - mean) / std: the same arithmetic as v2's ToDtype + Normalize (one image
+    or a batch: the [C, 1, 1] mean and std broadcast)."""
     return image.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
+
+
+class Normalising:
+    """The normalisation step shared by the train and eval transforms. With `normalise=False` the transform
+    returns the uint8 crop and `to_device` normalises the collated batch on the device instead: a quarter
+    of float32's bytes through the DataLoader workers' shared memory and the host-to-device copy, the same
+    float32 values (elementwise the same operations)."""
+
+    def __init__(self, preset: Preset, normalise: bool):
+        self.mean, self.std = mean_std(preset)
+        self.normalise = normalise
+
+    def finish(self, image: torch.Tensor) -> torch.Tensor:
+        """One transformed uint8 image: normalised here, or kept uint8 for `to_device`."""
+        return normalise(image, self.mean, self.std) if self.normalise else image
+
+    def to_device(self, images: torch.Tensor, device) -> torch.Tensor:
+        """A collated batch as the model's input on `device` (a uint8 batch is normalised there)."""
+        images = images.to(device, non_blocking=True)
+        if images.dtype != torch.uint8:
+            return images
+        return normalise(images, self.mean.to(device), self.std.to(device))
 
 
 def caches_resized(preset: Preset) -> bool:
@@ -96,8 +119,9 @@ class ResizeStep:
         return F.resize(image, self.size, antialias=True)
 
 
-class TrainTransform:
-    """Random crop (resized, or padded for small images) + optional flip + normalise.
+class TrainTransform(Normalising):
+    """Random crop (resized, or padded for small images) + optional flip + normalise (here, or with
+    `normalise=False` on the device: `Normalising`).
 
     Accepts PIL images or uint8 CHW tensors, and computes exactly what torchvision's v2 Compose of
     PILToTensor, the crop, RandomHorizontalFlip, ToDtype and Normalize computes, random draws included
@@ -107,9 +131,9 @@ class TrainTransform:
     own parameter draw and kernel: ~130 us per 64x64 sample instead of ~280.
     """
 
-    def __init__(self, *, preset: Preset):
+    def __init__(self, *, preset: Preset, normalise: bool = True):
+        super().__init__(preset, normalise)
         self.preset = preset
-        self.mean, self.std = mean_std(preset)
         self.random_resized_crop = T.RandomResizedCrop(preset.size, antialias=True)
 
     def __call__(self, image):
@@ -123,7 +147,7 @@ class TrainTransform:
             image = F.resized_crop(image, **params, size=[self.preset.size, self.preset.size], antialias=True)
         if self.preset.hflip and not torch.rand(1) >= 0.5:  # v2: no flip when rand >= p
             image = image.flip(-1)
-        return normalise(image, self.mean, self.std)
+        return self.finish(image)
 
     def pad_and_crop(self, image: torch.Tensor) -> torch.Tensor:
         """v2's RandomCrop(size, padding): zero padding, then top and left drawn in that order."""
@@ -138,16 +162,17 @@ class TrainTransform:
         return image[..., top:top + size, left:left + size]
 
 
-class EvalTransform:
-    """Resize the shorter side + centre crop + normalise (no randomness); PIL images or uint8 tensors.
+class EvalTransform(Normalising):
+    """Resize the shorter side + centre crop + normalise (no randomness; normalising as `TrainTransform`);
+    PIL images or uint8 tensors.
 
     The torchvision kernels are called directly (the same ops as a v2 Compose, without its per-sample
     dispatch overhead); an image already at the eval size is only normalised.
     """
 
-    def __init__(self, *, preset: Preset):
+    def __init__(self, *, preset: Preset, normalise: bool = True):
+        super().__init__(preset, normalise)
         self.preset = preset
-        self.mean, self.std = mean_std(preset)
 
     def __call__(self, image):
         image = as_uint8_tensor(image)
@@ -156,4 +181,4 @@ class EvalTransform:
             image = F.resize(image, size, antialias=True)
         if tuple(image.shape[-2:]) != (self.preset.size, self.preset.size):
             image = F.center_crop(image, [self.preset.size])
-        return normalise(image, self.mean, self.std)
+        return self.finish(image)

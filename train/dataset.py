@@ -61,7 +61,8 @@ def ensure_prepared(cfg: Config, accelerator: Accelerator) -> Path:
 
 
 def load_data(cfg: Config, accelerator: Accelerator) -> Data:
-    """Open the training split (augmenting and plain views) and the eval splits; cache small ones decoded."""
+    """Open the training split (augmenting and plain views) and the eval splits; cache small ones decoded.
+    Batches come out uint8 and are normalised on the device (`ShardDataset.to_device`)."""
     root = ensure_prepared(cfg, accelerator)
     try:
         manifest = read_manifest(root)
@@ -73,9 +74,9 @@ def load_data(cfg: Config, accelerator: Accelerator) -> Data:
         tables = {split: verify_split(root / split, manifest["splits"][split], manifest["num_classes"],
                                       crc=cfg.verify_crc) for split in [cfg.train_split, *cfg.eval_splits]}
         preset = get_preset(cfg.dataset, cfg.image_size or None)
-        train = ShardDataset(root / cfg.train_split, TrainTransform(preset=preset), preset.mode,
+        train = ShardDataset(root / cfg.train_split, TrainTransform(preset=preset, normalise=False), preset.mode,
                              table=tables[cfg.train_split])
-        evals = {s: ShardDataset(root / s, EvalTransform(preset=preset), preset.mode, table=tables[s])
+        evals = {s: ShardDataset(root / s, EvalTransform(preset=preset, normalise=False), preset.mode, table=tables[s])
                  for s in cfg.eval_splits}
     except ShardError as e:
         raise UserError(str(e)) from None
@@ -92,7 +93,7 @@ def load_data(cfg: Config, accelerator: Accelerator) -> Data:
     left = cache_images(cfg, [train, *evals.values()])
     if cfg.epoch_cache == "auto" and not train.cached and caches_resized(preset):
         open_epoch_cache(train, preset, left, accelerator)
-    plain = train.with_transform(EvalTransform(preset=preset))  # shares the caches
+    plain = train.with_transform(EvalTransform(preset=preset, normalise=False))  # shares the caches
     return Data(root, manifest, train, plain, evals, (1 if preset.mode == "L" else 3, preset.size, preset.size))
 
 

@@ -21,21 +21,18 @@ if TYPE_CHECKING:  # Config is built on first use (train.config.config_class)
     from .config import Config
 
 
-def pass_totals(stats: dict) -> dict:
-    """A training pass's statistics summed (images, skips) or maxed (RSS) over the ranks."""
+def pass_totals(stats: dict, reads: np.ndarray) -> tuple[dict, dict]:
+    """A training pass's statistics over the ranks, summed (images, skips) or maxed (RSS), and the epoch's
+    reads of training images (every pass counted: refresh, training, memorisation): JPEG decodes, cache
+    reads, and decodes per trained image. One gather of one row per rank."""
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-    totals = np.concatenate(all_gather_rows(np.array([[stats["train_images"], stats["skipped_train"], peak_mb]])))
-    return {**stats, "images_per_second": float(totals[:, 0].sum() / max(stats["train_seconds"], 1e-9)),
-            "skipped_train": int(totals[:, 1].sum()), "peak_rss_mb_per_rank": int(totals[:, 2].max())}
-
-
-def read_totals(reads: np.ndarray, trained: int) -> dict:
-    """The epoch's reads of training images over all ranks: JPEG decodes, cache reads, and decodes per
-    trained image (every pass of the epoch counted: refresh, training, memorisation)."""
-    rows = np.concatenate(all_gather_rows(np.array([[int(reads[0]), int(reads[1]), trained]], np.int64)))
-    decoded, cached, images = (int(v) for v in rows.sum(0))
-    return {"images_decoded": decoded, "images_from_cache": cached,
-            "decodes_per_trained_image": decoded / images if images else None}
+    row = [stats["train_images"], stats["skipped_train"], peak_mb, int(reads[0]), int(reads[1])]
+    totals = np.concatenate(all_gather_rows(np.array([row], np.int64)))
+    images, skipped, _, decoded, cached = (int(v) for v in totals.sum(0))
+    train = {**stats, "images_per_second": float(images / max(stats["train_seconds"], 1e-9)),
+             "skipped_train": skipped, "peak_rss_mb_per_rank": int(totals[:, 2].max())}
+    return train, {"images_decoded": decoded, "images_from_cache": cached,
+                   "decodes_per_trained_image": decoded / images if images else None}
 
 
 def run_epoch(ctx: EpochContext, method: Method, optimizer, stop=None, subset=None) -> EpochResult:
@@ -61,9 +58,9 @@ def run_epoch(ctx: EpochContext, method: Method, optimizer, stop=None, subset=No
     result.stopped_at = stats.pop("stopped_at")
     result.unreadable_ids = np.unique(np.concatenate(all_gather_rows(stats.pop("unreadable_ids"))))
     result.reads = result.reads + stats.pop("reads")
-    totals = pass_totals(stats)
+    totals, read = pass_totals(stats, result.reads)
     result.add(totals, "train").groups.update({k: "time" for k in totals if k.endswith("_seconds")})  # its durations
-    result.add(read_totals(result.reads, stats["train_images"]), "data")
+    result.add(read, "data")
     t0 = time.perf_counter()
     result.merge(table_metrics(ctx.data.train, ctx.tables, ctx.plan.unique_ids))  # the whole epoch's ids
     result.add(steps.method.epoch_metrics(ctx.data.train.true_labels), steps.method.name)

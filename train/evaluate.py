@@ -56,7 +56,7 @@ def evaluate_checkpoint(run: Path, checkpoint: str, splits: list[Path], accelera
             if manifest["num_classes"] != num_classes:
                 raise UserError(f"--split {split}: {manifest['num_classes']} classes, the model has {num_classes}")
             table = verify_split(split, manifest["splits"][split.name], num_classes)
-            ds = ShardDataset(split, EvalTransform(preset=preset), preset.mode, table=table)
+            ds = ShardDataset(split, EvalTransform(preset=preset, normalise=False), preset.mode, table=table)
             ds.draft_size = draft
         except ShardError as e:
             raise UserError(str(e)) from None

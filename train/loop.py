@@ -56,7 +56,7 @@ def refresh(model, dataset: ShardDataset, batches: list[np.ndarray], accelerator
             continue
         keep = batch["valid"]
         with accelerator.autocast():
-            features, logits = embed_and_classify(model, batch["images"][keep].to(accelerator.device))
+            features, logits = embed_and_classify(model, dataset.to_device(batch["images"][keep], accelerator.device))
         if probs is None:
             probs = np.zeros((n, logits.shape[1]), np.float32)
             embeddings = np.zeros((n, features.shape[1]), np.float32)
@@ -121,7 +121,7 @@ def train_one_epoch(ctx, optimizer, step_loss, loader, stop=None) -> dict:
         loss, n = None, 0
         with accelerator.autocast():
             if batch["images"] is not None and batch["valid"].any():
-                batch["images"] = batch["images"].to(accelerator.device, non_blocking=True)
+                batch["images"] = loader.dataset.to_device(batch["images"], accelerator.device)
                 loss, n = step_loss(batch, step)
             if loss is None:
                 loss = zero_loss_step(model, (2, *ctx.data.input_shape), accelerator)
@@ -156,7 +156,7 @@ def evaluate(model, dataset: ShardDataset, accelerator, batch_size: int, workers
             continue
         keep = batch["valid"]
         with accelerator.autocast():
-            logits = model(batch["images"][keep].to(accelerator.device)).float().cpu().numpy()
+            logits = model(dataset.to_device(batch["images"][keep], accelerator.device)).float().cpu().numpy()
         labels = batch["labels"][keep].numpy()
         rows.append(np.stack([batch["ids"][keep].numpy(), topk_correct(logits, labels, 1),
                               topk_correct(logits, labels, 5)], 1))

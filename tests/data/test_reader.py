@@ -20,6 +20,10 @@ def test_round_trip_two_workers_matches_direct_reads(digits_shards):
         seen.append(batch["ids"].tolist())
         assert batch["skipped"] == 0
     assert seen == [b.tolist() for b in batches]
+    raw = ds.with_transform(EvalTransform(preset=get_preset("digits"), normalise=False))
+    uint8 = next(iter(id_loader(raw, batches[:1], workers=2)))["images"]  # travels from the workers as uint8
+    assert uint8.dtype == torch.uint8
+    assert torch.equal(raw.to_device(uint8, "cpu"), next(iter(id_loader(ds, batches[:1])))["images"])
     # the pixels are the scikit-learn digit named by the source key
     digits = load_digits()
     source_index = int(ds.sources[77].split("/")[1])

@@ -94,3 +94,19 @@ def test_resize_then_random_crop_equals_v2(name):
         expected = reference(image)
         torch.manual_seed(seed)
         assert torch.equal(fast(image), expected)
+
+
+@pytest.mark.parametrize("name,shape", [("digits", (8, 8)), ("clothing1m", (300, 260, 3)), ("webvision", (260, 300, 3))])
+def test_uint8_batches_normalised_on_the_device_equal_the_transforms_own(name, shape):
+    """normalise=False keeps the crop uint8 (a quarter of the bytes); to_device gives the same float32 batch."""
+    preset = get_preset(name)
+    mode = "L" if len(shape) == 2 else "RGB"
+    for cls in (TrainTransform, EvalTransform):
+        here, there = cls(preset=preset), cls(preset=preset, normalise=False)
+        torch.manual_seed(5)
+        expected = torch.stack([here(image) for image in images(mode, shape, 4)])
+        torch.manual_seed(5)
+        raw = torch.stack([there(image) for image in images(mode, shape, 4)])
+        assert raw.dtype == torch.uint8 and expected.dtype == torch.float32
+        assert torch.equal(there.to_device(raw, "cpu"), expected)
+        assert there.to_device(expected, "cpu") is expected  # an already normalised batch passes unchanged
