@@ -112,7 +112,7 @@ class NeighbourSettings:
     """Neighbours in feature space."""
 
     section: ClassVar[str] = "neighbours"
-    k: int = 1  # neighbours per sample
+    k: int = 2  # neighbours per sample (the digits demo's; data set configs set their own)
     metric: str = "l2"  # l2 | cosine
     knn_scope: str = "auto"  # global: the whole epoch set, the sharded index (paper) | batch: inside each mini-batch
     #                          (the authors' code, MixNN's default)

@@ -155,12 +155,15 @@ def test_mixnn_defaults_follow_the_authors_code_and_mixnn_global_is_the_papers_s
     authors = load_config(["--config", f"{CONFIG_DIR}/digits.yaml,{CONFIG_DIR}/mixnn_authors.yaml"])
     default = load_config(["--config", f"{CONFIG_DIR}/digits.yaml"])
     differ = {f.name for f in dataclasses.fields(Config) if getattr(default, f.name) != getattr(authors, f.name)}
-    # the optimiser stays the data set's; the GMM's losses are averaged over 5 refreshes at every noise rate
-    assert differ == {"lr_min", "weight_decay", "gmm_loss_window"}
+    # the optimiser stays the data set's; the GMM's losses are averaged over 5 refreshes at every noise rate;
+    # digits mixes each sample with 2 neighbours
+    assert differ == {"lr_min", "weight_decay", "gmm_loss_window", "k"}
+    assert (default.k, authors.k, load_config([]).k) == (2, 1, 2)
     glob = load_config(["--config", f"{CONFIG_DIR}/digits.yaml,{CONFIG_DIR}/mixnn_global.yaml"])
     assert (glob.knn_scope, glob.batch_knn_mode, glob.target_update, glob.target_update_every, glob.mix_start,
             glob.early_loss, glob.gmm_split, glob.gmm_scale, glob.gmm_loss_window) == \
         ("global", "eval", "refresh", 1, "warmup", "ce", "class", "log", 5)
+    assert glob.k == 1  # the paper's one neighbour
     # a global search alone keeps the other defaults; the in-batch-only ones fall back to what works with it
     alone = load_config(["--knn_scope", "global"])
     assert (alone.batch_knn_mode, alone.target_update, alone.early_loss, alone.target_update_every) == \
@@ -201,7 +204,8 @@ def test_every_shipped_config_resolves_to_its_recorded_values():
     """Each launch/configs file alone resolves key for key to tests/train/resolved_configs.json (recorded
     from the code before the method interface moved the per-method defaults into the method classes; the
     keys added since, `epoch_cache` and `decode_draft`, at their defaults; the changes made on purpose since:
-    E_s 9 (digits' and the built-in default) and MixNN's GMM window 5, see CHANGELOG.md)."""
+    E_s 9 (digits' and the built-in default), MixNN's GMM window 5 and digits' 2 neighbours (k 2, the built-in
+    default's too; kept at 1 by fashion_mnist.yaml and mixnn_global.yaml), see CHANGELOG.md)."""
     recorded = json.loads((Path(__file__).parent / "resolved_configs.json").read_text())
     assert sorted(recorded) == sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
     for name, values in recorded.items():
