@@ -32,6 +32,7 @@ from .dataset import Data, load_data
 from .epoch import evaluate_splits, run_epoch, update_best
 from .loop import Diverged
 from .methods import EpochContext, Method, Tables, create_method, create_run_model, method_class
+from .methods.base import warmup_order_warning
 from .optim import create_optimizer
 from .results import EpochResult
 from .preempt import StopFlag
@@ -133,6 +134,8 @@ def start_run(cfg: Config) -> Run:
         return Run(cfg, accelerator, run_dir, None, None, None, None, None, lock=lock, finished=done)
     data = load_data(cfg, accelerator)
     cfg = dataclasses.replace(cfg, data=str(data.root.resolve()))  # the run folder names its data exactly
+    if warning := warmup_order_warning(cfg, data.train.labels):
+        logger.warning(warning, main_process_only=True)
     torch.manual_seed(cfg.seed)  # same initial weights everywhere; a resumed run restores its RNG below
     num_classes = data.manifest["num_classes"]
     model = create_run_model(cfg, num_classes, data.input_shape[0], pretrained=cfg.pretrained, drop_rate=cfg.drop_rate,

@@ -205,7 +205,8 @@ def test_every_shipped_config_resolves_to_its_recorded_values():
     from the code before the method interface moved the per-method defaults into the method classes; the
     keys added since, `epoch_cache` and `decode_draft`, at their defaults; the changes made on purpose since:
     E_s 9 (digits' and the built-in default), MixNN's GMM window 5 and digits' 2 neighbours (k 2, the built-in
-    default's too; kept at 1 by fashion_mnist.yaml and mixnn_global.yaml), see CHANGELOG.md)."""
+    default's too; kept at 1 by fashion_mnist.yaml and mixnn_global.yaml) and webvision_mini.yaml's shuffled
+    warm-up (`warmup_data: augmented`), see CHANGELOG.md)."""
     recorded = json.loads((Path(__file__).parent / "resolved_configs.json").read_text())
     assert sorted(recorded) == sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
     for name, values in recorded.items():

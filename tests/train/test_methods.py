@@ -306,3 +306,18 @@ def test_guessing_one_noisy_sample_through_batchnorm():
     out = guessed_targets(net, images, targets, noisy, 0.5)
     assert torch.equal(out[~noisy], targets[~noisy]) and torch.allclose(out[2].sum(), torch.tensor(1.0))
     assert not torch.allclose(out[2], targets[2])
+
+
+def test_a_warm_up_in_id_order_over_class_sorted_ids_is_warned_about():
+    """`warmup_data: plain` reads ids in order: over a folder- or list-sorted split every batch is one class."""
+    from train.config import load_config
+    from train.methods.base import single_class_share, warmup_order_warning
+
+    cfg = load_config([])  # MixNN: warmup_data plain
+    by_class = np.repeat(np.arange(10), 130)
+    assert single_class_share(by_class, 64) == 1.0
+    assert "--warmup_data augmented" in warmup_order_warning(cfg, by_class)
+    assert warmup_order_warning(cfg, np.random.default_rng(0).permutation(by_class)) == ""
+    assert warmup_order_warning(load_config(["--warmup_data", "augmented"]), by_class) == ""
+    assert warmup_order_warning(load_config(["--warmup_epochs", "0"]), by_class) == ""
+    assert warmup_order_warning(cfg, np.zeros(1300, np.int64)) == ""  # one class is not an order problem

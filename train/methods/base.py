@@ -265,6 +265,29 @@ def memorisation_due(cfg, epoch: int) -> bool:
     return every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == cfg.epochs)
 
 
+def single_class_share(labels: np.ndarray, batch_size: int) -> float:
+    """The mean share of the most frequent given label in consecutive id batches (`warmup_data: plain`'s
+    batches): ~1/C for ids in an arbitrary order, near 1 when the ids run class by class."""
+    shares = [np.bincount(b[b >= 0]).max() / max(int((b >= 0).sum()), 1)
+              for b in np.array_split(labels, max(len(labels) // max(batch_size, 1), 1)) if (b >= 0).any()]
+    return float(np.mean(shares)) if shares else 0.0
+
+
+def warmup_order_warning(cfg, labels: np.ndarray) -> str:
+    """A warning (or "") when `warmup_data: plain` would warm up on batches of mostly one class: the sample ids
+    of a split prepared from class-sorted lists or folders (WebVision's file lists, `data.prepare folder`)
+    run class by class, and the authors' un-shuffled warm-up assumes an order like CIFAR's."""
+    if cfg.warmup_epochs <= 0 or cfg.warmup_data != "plain" or len(labels) == 0:
+        return ""
+    share = single_class_share(labels, cfg.batch_size)
+    largest = np.bincount(labels[labels >= 0]).max() / max(int((labels >= 0).sum()), 1)
+    if share < 0.5 or share < 2 * largest:
+        return ""
+    return (f"warmup_data plain: the training split's sample ids run class by class (the largest class of a "
+            f"{cfg.batch_size}-id batch in id order holds {share:.0%} of it on average), so the warm-up would train "
+            "on batches of mostly one class; pass --warmup_data augmented to warm up on shuffled batches")
+
+
 def warmup_plan(ctx: EpochContext, plan: EpochPlan):
     """(plan, dataset) of the training pass: with `warmup_data: plain`, a warm-up epoch reads every sample in
     id order through the eval transform (the MixNN authors warm up on their un-shuffled, un-augmented
