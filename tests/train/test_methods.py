@@ -321,3 +321,5 @@ def test_a_warm_up_in_id_order_over_class_sorted_ids_is_warned_about():
     assert warmup_order_warning(load_config(["--warmup_data", "augmented"]), by_class) == ""
     assert warmup_order_warning(load_config(["--warmup_epochs", "0"]), by_class) == ""
     assert warmup_order_warning(cfg, np.zeros(1300, np.int64)) == ""  # one class is not an order problem
+    assert warmup_order_warning(cfg, np.full(100, -1)) == ""  # no given labels
+    assert single_class_share(np.repeat(np.arange(10), 100_000), 64) > 0.99  # 15,625 batches, 2,000 looked at

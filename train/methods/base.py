@@ -265,11 +265,13 @@ def memorisation_due(cfg, epoch: int) -> bool:
     return every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == cfg.epochs)
 
 
-def single_class_share(labels: np.ndarray, batch_size: int) -> float:
+def single_class_share(labels: np.ndarray, batch_size: int, most: int = 2000) -> float:
     """The mean share of the most frequent given label in consecutive id batches (`warmup_data: plain`'s
-    batches): ~1/C for ids in an arbitrary order, near 1 when the ids run class by class."""
-    shares = [np.bincount(b[b >= 0]).max() / max(int((b >= 0).sum()), 1)
-              for b in np.array_split(labels, max(len(labels) // max(batch_size, 1), 1)) if (b >= 0).any()]
+    batches; at most `most` of them, evenly spaced): ~1/C for ids in an arbitrary order, near 1 when the
+    ids run class by class."""
+    batches = np.array_split(labels, max(len(labels) // max(batch_size, 1), 1))
+    batches = [batches[i] for i in np.unique(np.linspace(0, len(batches) - 1, most).astype(np.int64))]
+    shares = [np.bincount(b[b >= 0]).max() / int((b >= 0).sum()) for b in batches if (b >= 0).any()]
     return float(np.mean(shares)) if shares else 0.0
 
 
@@ -277,10 +279,11 @@ def warmup_order_warning(cfg, labels: np.ndarray) -> str:
     """A warning (or "") when `warmup_data: plain` would warm up on batches of mostly one class: the sample ids
     of a split prepared from class-sorted lists or folders (WebVision's file lists, `data.prepare folder`)
     run class by class, and the authors' un-shuffled warm-up assumes an order like CIFAR's."""
-    if cfg.warmup_epochs <= 0 or cfg.warmup_data != "plain" or len(labels) == 0:
+    known = labels[labels >= 0]
+    if cfg.warmup_epochs <= 0 or cfg.warmup_data != "plain" or len(known) == 0:
         return ""
     share = single_class_share(labels, cfg.batch_size)
-    largest = np.bincount(labels[labels >= 0]).max() / max(int((labels >= 0).sum()), 1)
+    largest = np.bincount(known).max() / len(known)
     if share < 0.5 or share < 2 * largest:
         return ""
     return (f"warmup_data plain: the training split's sample ids run class by class (the largest class of a "
